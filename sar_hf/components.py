@@ -1,0 +1,126 @@
+"""Connected-component labelling of many small boolean grids at once.
+
+Two exact algorithms, one result:
+
+* ``"scipy"`` (CPU): every map is stacked into one tall image with a blank row under each
+  map, and a single ``scipy.ndimage.label`` call labels them all. A blank row separates the
+  maps for 4- and 8-connectivity alike, and scipy numbers regions in raster order, so the
+  regions of map ``i`` are one contiguous block of labels that a per-map offset renumbers
+  to ``1..n_i``.
+* ``"propagation"`` (any device, the default on GPUs): min-label propagation over the
+  3×3 (or cross) neighbourhood with Shiloach–Vishkin style hooking and pointer jumping,
+  all in batched tensor ops, so the maps never leave the device.
+"""
+
+import numpy as np
+import scipy.ndimage
+import torch
+import torch.nn.functional as F
+
+_ALGORITHMS = ("auto", "scipy", "propagation")
+
+
+def connected_components(mask: torch.Tensor, connectivity: int = 8, algorithm: str = "auto") -> torch.Tensor:
+    """Label the connected regions of every map in a batch of boolean grids.
+
+    Args:
+        mask (`torch.Tensor` of shape `[..., gh, gw]`, bool):
+            Foreground pixels. All leading dimensions are independent maps.
+        connectivity (`int`, *optional*, defaults to 8):
+            8 joins diagonal neighbours, 4 joins only edge neighbours.
+        algorithm (`str`, *optional*, defaults to `"auto"`):
+            `"scipy"`, `"propagation"`, or `"auto"` (scipy for CPU tensors, propagation
+            otherwise). Both give the same labels.
+
+    Returns:
+        `torch.LongTensor` of shape `[..., gh, gw]` on the input's device: 0 for background,
+        regions numbered `1..n` within each map in raster order of their first pixel.
+
+    Cost, for M maps of side s (n = s² pixels):
+        * scipy: one O(M·n) pass over a (M·(s+1))×s image; the mask is copied to the host
+          and the labels back, one synchronisation.
+        * propagation: O(M·n) work per round and O(log n) rounds for compact regions, at
+          most O(n) for adversarial snakes; one host synchronisation per round (the
+          convergence test). Memory O(M·n).
+    """
+    if mask.dtype != torch.bool:
+        raise TypeError(f"`mask` must be a bool tensor, got {mask.dtype}; use `scores > threshold`.")
+    if mask.dim() < 2:
+        raise ValueError(f"`mask` must have shape [..., gh, gw], got {tuple(mask.shape)}.")
+    if connectivity not in (4, 8):
+        raise ValueError(f"`connectivity` must be 4 or 8, got {connectivity}.")
+    if algorithm not in _ALGORITHMS:
+        raise ValueError(f"`algorithm` must be one of {_ALGORITHMS}, got {algorithm!r}.")
+    if algorithm == "auto":
+        algorithm = "scipy" if mask.device.type == "cpu" else "propagation"
+
+    *lead, gh, gw = mask.shape
+    maps = mask.reshape(-1, gh, gw)
+    if maps.numel() == 0:
+        return torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
+    labels = _label_scipy(maps, connectivity) if algorithm == "scipy" else _label_propagation(maps, connectivity)
+    return labels.reshape(mask.shape)
+
+
+def _label_scipy(maps: torch.Tensor, connectivity: int) -> torch.Tensor:
+    """[M, gh, gw] bool -> [M, gh, gw] int64 via one scipy call on the tiled maps."""
+    m, gh, gw = maps.shape
+    tiled = np.zeros((m, gh + 1, gw), dtype=bool)  # the extra row is the blank separator
+    tiled[:, :gh] = maps.cpu().numpy()
+    structure = scipy.ndimage.generate_binary_structure(2, 2 if connectivity == 8 else 1)
+    labels, _ = scipy.ndimage.label(tiled.reshape(m * (gh + 1), gw), structure=structure)
+    labels = labels.reshape(m, gh + 1, gw)[:, :gh].astype(np.int64)
+    # Regions of earlier maps took the labels below this map's; the running max counts them.
+    last = labels.reshape(m, -1).max(axis=1)
+    offset = np.concatenate([[0], np.maximum.accumulate(last)[:-1]])
+    labels -= np.where(labels > 0, offset[:, None, None], 0)
+    return torch.from_numpy(labels).to(maps.device)
+
+
+def _label_propagation(maps: torch.Tensor, connectivity: int) -> torch.Tensor:
+    """[M, gh, gw] bool -> [M, gh, gw] int64 with label propagation, on the maps' device."""
+    m, gh, gw = maps.shape
+    n = gh * gw
+    fg = maps.reshape(m, n)
+    # Every pixel points at a pixel of its own map (a local index 0..n-1); a root points at
+    # itself. Local indices stay exact in float32 for grids up to 4096x4096.
+    local = torch.arange(n, device=maps.device).expand(m, n)
+    base = torch.arange(m, device=maps.device).unsqueeze(1) * n  # flat offset of each map
+    parent = local.clone()
+    while True:
+        # Smallest parent among the foreground neighbours and the pixel itself.
+        value = torch.where(fg, parent, n).reshape(m, 1, gh, gw).float().neg()
+        if connectivity == 8:
+            best = F.max_pool2d(value, 3, stride=1, padding=1)
+        else:
+            best = value
+            for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+                best = torch.maximum(best, _shift(value, dy, dx))
+        best = torch.minimum(best.neg().long().reshape(m, n), parent)
+        best = torch.where(fg, best, parent)
+        # Hooking: a pixel that sees a smaller label re-points its root there too, which
+        # merges whole trees per round instead of moving labels one pixel at a time.
+        flat_parent = (parent + base).flatten()
+        hooked = (parent + base).flatten().scatter_reduce(0, flat_parent, (best + base).flatten(), reduce="amin")
+        new = torch.minimum(hooked.reshape(m, n) - base, best)
+        # Pointer jumping: each jump halves every path to the root.
+        for _ in range(n.bit_length()):
+            new = torch.gather(new, 1, new)
+        if torch.equal(new, parent):  # the one host synchronisation per round
+            break
+        parent = new
+    # Each region's root is its first pixel in raster order; number the roots 1..n_i.
+    is_root = fg & (parent == local)
+    rank = torch.cumsum(is_root, dim=1)
+    labels = torch.gather(rank, 1, parent)
+    return torch.where(fg, labels, 0).reshape(m, gh, gw)
+
+
+def _shift(value: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Shift [M, 1, gh, gw] by (dy, dx), filling with -inf (never the best neighbour)."""
+    padded = F.pad(value, (1, 1, 1, 1), value=float("-inf"))
+    gh, gw = value.shape[-2:]
+    return padded[..., 1 + dy : 1 + dy + gh, 1 + dx : 1 + dx + gw]
+
+
+__all__ = ["connected_components"]
