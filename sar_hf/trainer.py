@@ -1,0 +1,51 @@
+"""A Trainer that carries a SARCallback where every reporting integration sees its logs."""
+
+from transformers import Trainer
+
+from .callbacks import SARCallback
+from .configuration_sar_vit import PAPER_URL
+
+_CARD_TAGS = ["sar", "spatial-entropy", "vision", "image-classification"]
+
+
+class SARTrainer(Trainer):
+    """[`Trainer`] with a [`SARCallback`] placed first among the callbacks.
+
+    Callbacks see `logs` in order, and the reporting integrations (TensorBoard, W&B, ...) come
+    before user callbacks; placing the SAR callback first lets them all record the `sar/*` values.
+    A `SARCallback` given in `callbacks` is used (and moved); otherwise a default one is added.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        handler = self.callback_handler
+        sar = next((cb for cb in handler.callbacks if isinstance(cb, SARCallback)), None) or SARCallback()
+        if sar in handler.callbacks:
+            handler.callbacks.remove(sar)
+        handler.callbacks.insert(0, sar)
+        self.sar_callback = sar
+
+    def create_model_card(self, *args, tags=None, **kwargs):
+        """Trainer's card, tagged `sar`/`spatial-entropy`, with the paper and the SAR settings."""
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        super().create_model_card(*args, tags=tags + [t for t in _CARD_TAGS if t not in tags], **kwargs)
+        if not self.is_world_process_zero():
+            return
+        config = self.accelerator.unwrap_model(self.model).config
+        settings = {k: getattr(config, k) for k in ("sar_layer", "sar_no_skip_no_norm") if hasattr(config, k)}
+        cb = self.sar_callback
+        schedule = cb.schedule if isinstance(cb.schedule, str) else "custom"
+        path = f"{self.args.output_dir}/README.md"
+        with open(path, "a", encoding="utf-8") as card:
+            card.write(
+                "\n## Spatial-entropy regularisation (SAR)\n\n"
+                f"Trained with the spatial-entropy regulariser of [Peruzzo et al., 2024]({PAPER_URL}) "
+                "using [sar_hf](https://github.com/sar-hf/sar_hf).\n\n"
+                f"- peak λ (`sar_weight`): {cb.sar_weight}\n"
+                f"- λ schedule: {schedule} ({cb.granularity}), warm-up epochs: {cb.warmup_epochs}\n"
+                + "".join(f"- `{k}`: {v}\n" for k, v in settings.items())
+                + "\nLoad it with `import sar_hf` first, then the usual Auto classes or `pipeline`.\n"
+            )
+
+
+__all__ = ["SARTrainer"]
