@@ -24,9 +24,9 @@ class SARCallback(TrainerCallback):
     * a callable `schedule(epoch, num_epochs) -> λ` with fractional epochs.
 
     λ is a function of `state.global_step` and `state.max_steps` alone, so a run resumed from a
-    checkpoint continues the schedule exactly. It is written onto `model.config.sar_weight`
-    ([`SARViTForImageClassification`], DDP/FSDP unwrapped) or `loss_fn.sar_weight`
-    ([`SpatialEntropyLoss`]).
+    checkpoint continues the schedule exactly. It is written onto `scheduled_sar_weight` of the
+    model ([`SARViTForImageClassification`], DDP/FSDP unwrapped) or of `loss_fn`
+    ([`SpatialEntropyLoss`]); the configured `sar_weight`, which checkpoints save, stays the peak.
 
     Logged (means over the logging window and over processes): `sar/entropy`, `sar/ce_loss`,
     `sar/weight`, `sar/skipped_maps` (non-finite maps left out per forward pass), and
@@ -105,10 +105,7 @@ class SARCallback(TrainerCallback):
     def _set_weight(self, state, model):
         target = self._target(model)
         self.current_weight = self.weight_at(state.global_step, state.max_steps, state.num_train_epochs)
-        if target is self.loss_fn:
-            target.sar_weight = self.current_weight
-        else:
-            target.config.sar_weight = self.current_weight
+        target.scheduled_sar_weight = self.current_weight
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.sar_weight is None:
@@ -118,6 +115,9 @@ class SARCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._set_weight(state, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._target(model).scheduled_sar_weight = None  # outside training, the configured weight holds
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or model is None:

@@ -55,6 +55,12 @@ class SARViTConfig(ViTConfig):
                 f"Unknown SAR setting(s) {unknown}; SARViTConfig knows `sar_weight`, `sar_layer` and "
                 "`sar_no_skip_no_norm`."
             )
+        self.check_sar_settings()
+
+    # Not a `validate_*` method: `@strict` would wrap its ValueError in its own error type.
+    def check_sar_settings(self):
+        """Raises a ValueError for an impossible `sar_weight` or `sar_layer`. The model calls it again,
+        since `from_pretrained(..., sar_layer=...)` sets the values after `__post_init__`."""
         if isinstance(self.sar_weight, bool) or not math.isfinite(self.sar_weight) or self.sar_weight < 0:
             raise ValueError(f"`sar_weight` must be a finite number >= 0, got {self.sar_weight!r}.")
         layers = self.num_hidden_layers

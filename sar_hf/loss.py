@@ -62,6 +62,7 @@ class SpatialEntropyLoss:
         if not -layers <= sar_layer < layers:
             raise ValueError(f"`sar_layer` must index one of the {layers} layers, got {sar_layer}.")
         self.sar_weight = sar_weight
+        self.scheduled_sar_weight: float | None = None  # λ of the current step, set by SARCallback
         self.sar_layer = sar_layer
         self.grid_size = grid_size
         self.config = config
@@ -88,12 +89,13 @@ class SpatialEntropyLoss:
             ce_loss = ce_loss / num_items_in_batch
             share = labels.shape[0] / num_items_in_batch
         training = self._model.training
-        with torch.set_grad_enabled(training and self.sar_weight > 0 and torch.is_grad_enabled()):
+        weight = self.sar_weight if self.scheduled_sar_weight is None else self.scheduled_sar_weight
+        with torch.set_grad_enabled(training and weight > 0 and torch.is_grad_enabled()):
             entropy, skipped = spatial_entropy(cls_logits, grid_size, return_skipped=True)
         self.sar_stats.update(training, entropy, ce_loss / share, skipped)
-        if not training or self.sar_weight == 0:
+        if not training or weight == 0:
             return ce_loss
-        return ce_loss + self.sar_weight * entropy * share
+        return ce_loss + weight * entropy * share
 
     def cls_logits(self, attention: torch.Tensor):
         """[B, heads, N, N] attention probabilities -> ([B, heads, gh*gw] log-probabilities, (gh, gw))."""

@@ -16,10 +16,13 @@ import torch
 from transformers import ViTForImageClassification
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.models.vit.modeling_vit import ViTLayer
+from transformers.utils import logging
 
 from .configuration_sar_vit import SARViTConfig
 from .entropy import spatial_entropy
 from .stats import SARStats
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -58,33 +61,43 @@ class SARViTForImageClassification(ViTForImageClassification):
     config_class = SARViTConfig
 
     def __init__(self, config: SARViTConfig):
+        config.check_sar_settings()
         super().__init__(config)
         if config.sar_no_skip_no_norm:
             self.vit.layers[-1] = ViTLayerNoSkipNoNorm(config)
             self.post_init()  # initialise the new block like the others
         self.add_model_tags(["sar", "spatial-entropy"])  # for the card that `push_to_hub` writes
         self.sar_stats = SARStats()
+        # λ of the current step, set by SARCallback's schedule; None means `config.sar_weight`, which
+        # stays the configured (peak) value so that checkpoints save it rather than a scheduled one.
+        self.scheduled_sar_weight: float | None = None
         self._cls_query = None  # [B, heads*head_dim], set by the q_proj hook while capturing
-        self._cls_logits = None  # [B, heads, gh*gw], set by the k_proj hook while capturing
+        self._patch_keys = None  # [B, gh*gw, heads*head_dim], set by the k_proj hook while capturing
         self._capturing = False
         attention = self.vit.layers[config.sar_layer_index].attention
         attention.q_proj.register_forward_hook(self._capture_cls_query)
-        attention.k_proj.register_forward_hook(self._capture_cls_logits)
+        attention.k_proj.register_forward_hook(self._capture_patch_keys)
 
+    # The hooks only keep views of the outputs and compute nothing: under gradient checkpointing the
+    # layer runs again in backward with capture off, and the two runs must save the same tensors.
     def _capture_cls_query(self, module, args, query):
         if self._capturing:
             self._cls_query = query[:, 0]  # [B, N, heads*d] -> the [CLS] row
 
-    def _capture_cls_logits(self, module, args, key):
-        if not self._capturing:
-            return
+    def _capture_patch_keys(self, module, args, key):
+        if self._capturing:
+            self._patch_keys = key[:, 1:]  # [B, N, heads*d] -> the patches, no [CLS]
+
+    def _pop_cls_logits(self) -> torch.Tensor:
+        """The captured [CLS] query and patch keys -> pre-softmax scores `[B, heads, gh*gw]`."""
+        query, key, self._cls_query, self._patch_keys = self._cls_query, self._patch_keys, None, None
         attention = self.vit.layers[self.config.sar_layer_index].attention
         heads, head_dim = attention.num_attention_heads, attention.head_dim
-        query = self._cls_query.reshape(-1, heads, head_dim)  # 'b (h d) -> b h d'
-        key = key[:, 1:].reshape(key.shape[0], -1, heads, head_dim)  # 'b n (h d) -> b n h d', no [CLS]
-        # Only the [CLS] row: B·heads·n·d multiply-adds, nothing N×N.
-        self._cls_logits = torch.einsum("bhd,bnhd->bhn", query, key) * attention.scaling
-        self._cls_query = None
+        query = query.reshape(-1, heads, head_dim)  # 'b (h d) -> b h d'
+        key = key.reshape(key.shape[0], -1, heads, head_dim)  # 'b n (h d) -> b n h d'
+        # Only the [CLS] row: B·heads·n·d multiply-adds, nothing N×N. A product and a sum (not an
+        # einsum, which would save a contiguous copy of the keys) keep only views for backward.
+        return (query.unsqueeze(1) * key).sum(-1).transpose(1, 2) * attention.scaling
 
     def cls_attention_logits(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None):
         """Pre-softmax [CLS]-to-patch scores of the regularised layer.
@@ -102,8 +115,7 @@ class SARViTForImageClassification(ViTForImageClassification):
             output = super().forward(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         finally:
             self._capturing = False
-        logits, self._cls_logits = self._cls_logits, None
-        return logits, output, grid_size
+        return self._pop_cls_logits(), output, grid_size
 
     def _grid_size(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         if pixel_values is None or pixel_values.dim() != 4:
@@ -130,7 +142,8 @@ class SARViTForImageClassification(ViTForImageClassification):
         r"""
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Class indices. When given, the output also carries `ce_loss`, `spatial_entropy` and
-            `skipped_maps`, and in training `loss = ce_loss + config.sar_weight * spatial_entropy`.
+            `skipped_maps`, and in training `loss = ce_loss + λ * spatial_entropy`, with λ the
+            scheduled `self.scheduled_sar_weight` or else `config.sar_weight`.
         """
         if labels is None:  # inference (e.g. a pipeline): exactly ViT, no SAR work at all
             output = super().forward(pixel_values, None, interpolate_pos_encoding, attention_mask, **kwargs)
@@ -142,9 +155,15 @@ class SARViTForImageClassification(ViTForImageClassification):
             output = super().forward(pixel_values, labels, interpolate_pos_encoding, attention_mask, **kwargs)
         finally:
             self._capturing = False
-        cls_logits, self._cls_logits = self._cls_logits, None
+        cls_logits = self._pop_cls_logits()
 
-        regularise = self.training and self.config.sar_weight > 0
+        weight = self.config.sar_weight if self.scheduled_sar_weight is None else self.scheduled_sar_weight
+        regularise = self.training and weight > 0
+        if regularise and torch.is_grad_enabled() and not cls_logits.requires_grad:
+            logger.warning_once(
+                "The [CLS] scores have no gradient, so the spatial entropy cannot train the model; reentrant "
+                "gradient checkpointing does this: use `gradient_checkpointing_kwargs={'use_reentrant': False}`."
+            )
         with torch.set_grad_enabled(regularise and torch.is_grad_enabled()):
             entropy, skipped = spatial_entropy(cls_logits, grid_size, return_skipped=True)
         ce_loss = loss = output.loss
@@ -152,7 +171,7 @@ class SARViTForImageClassification(ViTForImageClassification):
         # divided by the items of the whole accumulated batch; the entropy is scaled to match.
         share = labels.shape[0] / kwargs["num_items_in_batch"] if "num_items_in_batch" in kwargs else 1.0
         if regularise:
-            loss = ce_loss + self.config.sar_weight * entropy * share
+            loss = ce_loss + weight * entropy * share
         self.sar_stats.update(self.training, entropy, ce_loss / share, skipped)
         return SARImageClassifierOutput(
             loss=loss,

@@ -35,13 +35,15 @@ class SARTrainer(Trainer):
         settings = {k: getattr(config, k) for k in ("sar_layer", "sar_no_skip_no_norm") if hasattr(config, k)}
         cb = self.sar_callback
         schedule = cb.schedule if isinstance(cb.schedule, str) else "custom"
+        # Before training the callback has no peak yet: it will take the model's.
+        peak = cb.sar_weight if cb.sar_weight is not None else getattr(config, "sar_weight", None)
         path = f"{self.args.output_dir}/README.md"
         with open(path, "a", encoding="utf-8") as card:
             card.write(
                 "\n## Spatial-entropy regularisation (SAR)\n\n"
                 f"Trained with the spatial-entropy regulariser of [Peruzzo et al., 2024]({PAPER_URL}) "
                 "using [sar_hf](https://github.com/sar-hf/sar_hf).\n\n"
-                f"- peak λ (`sar_weight`): {cb.sar_weight}\n"
+                f"- peak λ (`sar_weight`): {peak}\n"
                 f"- λ schedule: {schedule} ({cb.granularity}), warm-up epochs: {cb.warmup_epochs}\n"
                 + "".join(f"- `{k}`: {v}\n" for k, v in settings.items())
                 + "\nLoad it with `import sar_hf` first, then the usual Auto classes or `pipeline`.\n"

@@ -1,0 +1,214 @@
+"""`SARCallback`: the λ schedules against hand-computed values, and where λ is written.
+
+A run of E = 5 epochs of 4 optimizer steps (max_steps = 20), warm-up W = 2 epochs, peak λ* = 0.1.
+Per epoch, λ follows the integer epoch index: 0, λ*/2 over the warm-up, then cosine from λ* at
+epoch 2 to 0 at the last epoch (4): λ*, λ*·½(1 + cos(π/2)) = λ*/2, 0. Per step, the epoch is
+fractional (step / 4) and the cosine reaches 0 at e = 5.
+"""
+
+import math
+
+import pytest
+import torch
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+from sar_hf import SARCallback, SARViTConfig, SARViTForImageClassification
+
+TINY = {
+    "image_size": 16,
+    "patch_size": 4,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 37,
+    "num_labels": 3,
+}
+EPOCHS, MAX_STEPS, WARMUP, PEAK = 5, 20, 2, 0.1
+
+PER_EPOCH = {step: [0.0, 0.05, 0.1, 0.05, 0.0][step // 4] for step in range(MAX_STEPS)}
+PER_STEP = {
+    0: 0.0,
+    2: 0.025,  # e = 0.5: a quarter of the warm-up
+    4: 0.05,
+    6: 0.075,
+    8: 0.1,  # e = W: the peak
+    11: 0.1 * 0.5 * (1 + math.cos(math.pi / 4)),  # e = 2.75: a quarter of the cosine
+    14: 0.05,  # e = 3.5: half-way
+    17: 0.1 * 0.5 * (1 + math.cos(3 * math.pi / 4)),
+    20: 0.0,  # e = E
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return SARViTForImageClassification(SARViTConfig(**TINY, sar_weight=PEAK))
+
+
+@pytest.fixture(scope="module")
+def args(tmp_path_factory):
+    return TrainingArguments(output_dir=str(tmp_path_factory.mktemp("out")), report_to="none", use_cpu=True)
+
+
+def state_at(step: int, max_steps: int = MAX_STEPS, epochs: float = EPOCHS) -> TrainerState:
+    state = TrainerState()
+    state.global_step, state.max_steps, state.num_train_epochs = step, max_steps, epochs
+    return state
+
+
+@pytest.mark.parametrize("step", range(MAX_STEPS))
+def test_warmup_cosine_per_epoch(step):
+    callback = SARCallback(sar_weight=PEAK, warmup_epochs=WARMUP)
+    assert callback.weight_at(step, MAX_STEPS, EPOCHS) == pytest.approx(PER_EPOCH[step], abs=1e-12)
+
+
+@pytest.mark.parametrize("step", sorted(PER_STEP))
+def test_warmup_cosine_per_step(step):
+    callback = SARCallback(sar_weight=PEAK, warmup_epochs=WARMUP, granularity="step")
+    assert callback.weight_at(step, MAX_STEPS, EPOCHS) == pytest.approx(PER_STEP[step], abs=1e-12)
+
+
+def test_without_warmup_the_cosine_starts_at_the_peak():
+    callback = SARCallback(sar_weight=1.0, warmup_epochs=0)
+    # 4 epochs, 2 steps each: cosine over epochs 0..3.
+    weights = [callback.weight_at(step, 8, 4) for step in range(0, 8, 2)]
+    assert weights == pytest.approx([1.0, 0.75, 0.25, 0.0], abs=1e-12)
+
+
+def test_constant_schedule():
+    callback = SARCallback(sar_weight=0.3, schedule="constant", warmup_epochs=WARMUP)
+    assert [callback.weight_at(step, MAX_STEPS, EPOCHS) for step in (0, 7, 19)] == [0.3, 0.3, 0.3]
+
+
+def test_callable_schedule_gets_fractional_epochs_and_the_number_of_epochs():
+    seen = []
+
+    def schedule(epoch, epochs):
+        seen.append((epoch, epochs))
+        return 0.2 * epoch / epochs
+
+    callback = SARCallback(schedule=schedule)
+    assert callback.weight_at(5, MAX_STEPS, EPOCHS) == pytest.approx(0.05)
+    assert seen == [(pytest.approx(1.25), EPOCHS)]
+
+
+@pytest.mark.parametrize(("granularity", "expected"), [("epoch", PER_EPOCH), ("step", PER_STEP)])
+def test_step_begin_writes_the_schedule_onto_the_model(model, args, granularity, expected):
+    callback = SARCallback(sar_weight=PEAK, warmup_epochs=WARMUP, granularity=granularity)
+    for step in (0, 6, 8, 14):
+        callback.on_step_begin(args, state_at(step), TrainerControl(), model=model)
+        assert model.scheduled_sar_weight == pytest.approx(expected[step], abs=1e-12)
+        assert callback.current_weight == model.scheduled_sar_weight
+        assert model.config.sar_weight == PEAK  # the configured value, which checkpoints save, stays
+
+
+def test_peak_defaults_to_the_models_weight_at_train_begin(args):
+    torch.manual_seed(0)
+    model = SARViTForImageClassification(SARViTConfig(**TINY, sar_weight=0.4))
+    callback = SARCallback(warmup_epochs=WARMUP)
+    callback.on_train_begin(args, state_at(4), TrainerControl(), model=model)
+    assert callback.sar_weight == 0.4
+    assert model.scheduled_sar_weight == pytest.approx(0.2)  # epoch 1 of a 2-epoch warm-up
+    callback.on_train_end(args, state_at(4), TrainerControl(), model=model)
+    assert model.scheduled_sar_weight is None and model.config.sar_weight == 0.4
+
+
+class LossLike:
+    """Stands for SpatialEntropyLoss: the callback reads `sar_weight` and `sar_stats`, writes `scheduled_sar_weight`."""
+
+    sar_weight = 0.6
+    scheduled_sar_weight = None
+
+
+def test_loss_fn_receives_the_weight_instead_of_the_model(model, args):
+    loss_fn = LossLike()
+    before = model.config.sar_weight
+    callback = SARCallback(warmup_epochs=WARMUP, loss_fn=loss_fn)
+    callback.on_train_begin(args, state_at(4), TrainerControl(), model=model)
+    assert callback.sar_weight == 0.6 and loss_fn.scheduled_sar_weight == pytest.approx(0.3)
+    assert model.config.sar_weight == before
+
+
+def test_data_parallel_wrapper_is_unwrapped(model, args):
+    wrapped = torch.nn.DataParallel(model)  # on the CPU it only holds `.module`
+    callback = SARCallback(sar_weight=PEAK, warmup_epochs=WARMUP)
+    callback.on_step_begin(args, state_at(4), TrainerControl(), model=wrapped)
+    assert model.scheduled_sar_weight == pytest.approx(0.05)
+
+
+def test_distributed_data_parallel_is_unwrapped_and_stats_are_reduced(args, tmp_path):
+    torch.manual_seed(0)
+    model = SARViTForImageClassification(SARViTConfig(**TINY, sar_weight=PEAK)).train()
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        callback = SARCallback(warmup_epochs=WARMUP)
+        callback.on_train_begin(args, state_at(8), TrainerControl(), model=ddp)
+        assert model.scheduled_sar_weight == pytest.approx(PEAK)
+        callback.on_step_begin(args, state_at(12), TrainerControl(), model=ddp)
+        assert model.scheduled_sar_weight == pytest.approx(0.05)
+
+        out = ddp(torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 1]))
+        out.loss.backward()
+        state = state_at(13)
+        logs = {"loss": out.loss.item()}
+        state.log_history.append(dict(logs))
+        callback.on_log(args, state, TrainerControl(), logs=logs, model=ddp)
+        assert logs["sar/entropy"] == pytest.approx(out.spatial_entropy.item(), abs=1e-6)
+        assert logs["sar/weight"] == pytest.approx(0.05)
+        assert state.log_history[-1]["sar/entropy"] == logs["sar/entropy"]
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_on_log_adds_training_and_evaluation_keys_and_skips_the_summary(model, args):
+    callback = SARCallback(sar_weight=PEAK, schedule="constant")
+    callback.on_step_begin(args, state_at(0), TrainerControl(), model=model)
+    model.sar_stats.pop(training=True), model.sar_stats.pop(training=False)
+    entropy, ce, skipped = torch.tensor(0.5), torch.tensor(1.5), torch.tensor(2)
+    model.sar_stats.update(True, entropy, ce, skipped)
+    model.sar_stats.update(True, entropy * 3, ce * 3, skipped * 0)
+    model.sar_stats.update(False, entropy, None, skipped * 0)
+
+    state = state_at(1)
+    logs = {"loss": 2.0, "learning_rate": 1e-3}
+    state.log_history.append({**logs, "step": 1})
+    callback.on_log(args, state, TrainerControl(), logs=logs, model=model)
+    expected = {"sar/entropy": 1.0, "sar/ce_loss": 3.0, "sar/skipped_maps": 1.0, "sar/weight": PEAK}
+    assert {k: logs[k] for k in expected} == pytest.approx(expected)
+    assert {k: state.log_history[-1][k] for k in expected} == pytest.approx(expected)
+
+    logs = {"eval_loss": 1.0, "eval_runtime": 0.1}
+    state.log_history.append({**logs, "step": 1})
+    callback.on_log(args, state, TrainerControl(), logs=logs, model=model)
+    assert logs["eval_sar/entropy"] == pytest.approx(0.5)
+    assert "eval_sar/ce_loss" not in logs  # no labels' cross-entropy was recorded
+
+    logs = {"train_runtime": 1.0, "train_loss": 2.0}
+    callback.on_log(args, state, TrainerControl(), logs=logs, model=model)
+    assert set(logs) == {"train_runtime", "train_loss"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"schedule": "linear"}, "`schedule` must be one of"),
+        ({"granularity": "batch"}, "`granularity` must be 'epoch' or 'step'"),
+        ({"warmup_epochs": -1}, "`warmup_epochs` must be >= 0"),
+        ({"sar_weight": -0.1}, "`sar_weight` must be a finite number >= 0"),
+        ({"sar_weight": math.nan}, "`sar_weight` must be a finite number >= 0"),
+        ({"sar_weight": math.inf}, "`sar_weight` must be a finite number >= 0"),
+    ],
+)
+def test_invalid_arguments_are_value_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SARCallback(**kwargs)
+
+
+def test_a_model_without_sar_and_no_loss_fn_is_a_value_error(args):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    plain = ViTForImageClassification(ViTConfig(**TINY))
+    with pytest.raises(ValueError, match="needs a SARViTForImageClassification or `loss_fn="):
+        SARCallback().on_train_begin(args, state_at(0), TrainerControl(), model=plain)

@@ -1,0 +1,244 @@
+"""`SARTrainer` / `Trainer` with `SARCallback`: real training runs of a few steps on a tiny model."""
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import sar_hf.modeling_sar_vit
+from sar_hf import SARCallback, SARTrainer, SARViTConfig, SARViTForImageClassification
+
+TINY = {
+    "image_size": 16,
+    "patch_size": 4,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 37,
+    "num_labels": 3,
+    "initializer_range": 0.2,
+}
+SAR_KEYS = ("sar/entropy", "sar/ce_loss", "sar/weight", "sar/skipped_maps")
+
+
+class TinyImages(Dataset):
+    def __init__(self, n: int = 8, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.pixel_values = torch.randn(n, 3, 16, 16, generator=generator)
+        self.labels = torch.randint(0, 3, (n,), generator=generator)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.pixel_values[i], "labels": self.labels[i]}
+
+
+def make_model(seed: int = 0, **settings) -> SARViTForImageClassification:
+    torch.manual_seed(seed)
+    return SARViTForImageClassification(SARViTConfig(**TINY, **{"sar_weight": 0.5, **settings}))
+
+
+def make_args(tmp_path, **overrides) -> TrainingArguments:
+    settings = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4,
+        "num_train_epochs": 2,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+        **overrides,
+    }
+    return TrainingArguments(**settings)
+
+
+def record_weights(model) -> list[tuple[float, dict]]:
+    """Records (the scheduled λ, forward kwargs) at every forward pass of `model`."""
+    seen = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((module.scheduled_sar_weight, kwargs)), with_kwargs=True
+    )
+    return seen
+
+
+def train_logs(trainer) -> list[dict]:
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_training_logs_the_sar_terms_and_follows_the_schedule(tmp_path):
+    model = make_model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    callback = SARCallback(warmup_epochs=1, granularity="step")
+    args = make_args(tmp_path, num_train_epochs=3, eval_strategy="epoch")
+    trainer = SARTrainer(
+        model=model, args=args, train_dataset=TinyImages(), eval_dataset=TinyImages(4, seed=1), callbacks=[callback]
+    )
+    assert trainer.callback_handler.callbacks[0] is callback
+    trainer.train()
+
+    for name, p in model.named_parameters():
+        assert not torch.equal(before[name], p), f"{name} did not change"
+
+    logs = train_logs(trainer)
+    assert [entry["step"] for entry in logs] == [1, 2, 3, 4, 5, 6]
+    for entry in logs:
+        assert set(SAR_KEYS) <= set(entry)
+        # λ of the step that was just taken: the one set when `global_step` was step - 1.
+        expected = callback.weight_at(entry["step"] - 1, 6, 3)
+        assert entry["sar/weight"] == pytest.approx(expected, abs=1e-12)
+        assert entry["sar/entropy"] > 0 and entry["sar/skipped_maps"] == 0
+        # The loss that was optimised used that λ.
+        assert entry["loss"] == pytest.approx(
+            entry["sar/ce_loss"] + entry["sar/weight"] * entry["sar/entropy"], abs=1e-5
+        )
+    assert [entry["sar/weight"] for entry in logs][:3] == pytest.approx([0.0, 0.25, 0.5])  # warm-up over epoch 0
+
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert len(evaluations) == 3
+    assert all(entry["eval_sar/entropy"] > 0 for entry in evaluations)
+    assert not any(key.startswith("sar/") for entry in evaluations for key in entry)
+
+    metrics = trainer.evaluate()
+    # One evaluation batch: the logged mean is that batch's entropy, recomputed here.
+    eval_data = TinyImages(4, seed=1)
+    model.eval()
+    with torch.no_grad():
+        expected = model(eval_data.pixel_values, labels=eval_data.labels).spatial_entropy.item()
+    assert metrics["eval_sar/entropy"] == pytest.approx(expected, abs=1e-5)
+    assert trainer.state.log_history[-1]["eval_sar/entropy"] == metrics["eval_sar/entropy"]
+
+
+def test_gradient_accumulation_keeps_lambda_per_optimizer_step(tmp_path):
+    model = make_model()
+    seen = record_weights(model)
+    callback = SARCallback(warmup_epochs=1, granularity="step")
+    args = make_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    trainer = SARTrainer(model=model, args=args, train_dataset=TinyImages(), callbacks=[callback])
+    trainer.train()
+
+    assert trainer.state.global_step == 4
+    weights = [weight for weight, _ in seen]
+    assert len(weights) == 8  # two micro-batches per optimizer step
+    for step in range(4):
+        assert weights[2 * step] == weights[2 * step + 1] == pytest.approx(callback.weight_at(step, 4, 2))
+    assert all("num_items_in_batch" in kwargs for _, kwargs in seen)  # Trainer normalises over 4 items
+
+    for entry in train_logs(trainer):
+        # Summed over the micro-batches, the loss is the mean CE plus λ times the mean entropy.
+        assert entry["loss"] == pytest.approx(
+            entry["sar/ce_loss"] + entry["sar/weight"] * entry["sar/entropy"], abs=1e-5
+        )
+        assert 0 < entry["sar/ce_loss"] < 10 and 0 < entry["sar/entropy"] < math.log(16)
+
+
+def test_gradient_checkpointing_run_reports_the_entropy(tmp_path):
+    model = make_model(sar_no_skip_no_norm=True)
+    before = model.vit.layers[-1].attention.q_proj.weight.detach().clone()
+    args = make_args(tmp_path, num_train_epochs=1, gradient_checkpointing=True)
+    trainer = SARTrainer(
+        model=model, args=args, train_dataset=TinyImages(), callbacks=[SARCallback(schedule="constant")]
+    )
+    trainer.train()
+    assert model.is_gradient_checkpointing
+    logs = train_logs(trainer)
+    assert len(logs) == 2 and all(entry["sar/entropy"] > 0 for entry in logs)
+    assert not torch.equal(before, model.vit.layers[-1].attention.q_proj.weight)
+
+
+class Recorder(TrainerCallback):
+    """A reporting integration stand-in: keeps a copy of every `logs` it is shown."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+@pytest.mark.parametrize("trainer_class", [SARTrainer, Trainer])
+def test_reporting_callbacks_before_the_sar_callback(tmp_path, trainer_class):
+    recorder = Recorder()
+    args = make_args(tmp_path, num_train_epochs=1)
+    trainer = trainer_class(
+        model=make_model(), args=args, train_dataset=TinyImages(), callbacks=[recorder, SARCallback()]
+    )
+    trainer.train()
+    shown = [logs for logs in recorder.logs if "loss" in logs]
+    assert len(shown) == 2
+    if trainer_class is SARTrainer:  # the SAR callback was moved first
+        assert all(set(SAR_KEYS) <= set(logs) for logs in shown)
+    else:  # a plain Trainer keeps the order: the recorder saw the logs before the SAR keys were added
+        assert not any("sar/entropy" in logs for logs in shown)
+    assert all("sar/entropy" in entry for entry in train_logs(trainer))  # the history has them either way
+
+
+def test_tensorboard_receives_the_sar_scalars(tmp_path, monkeypatch):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    args = make_args(tmp_path, num_train_epochs=1, report_to="tensorboard")
+    trainer = SARTrainer(model=make_model(), args=args, train_dataset=TinyImages())
+    trainer.train()
+    trainer.callback_handler.on_train_end(args, trainer.state, trainer.control)  # flush the writer
+    runs = [path.parent for path in (tmp_path / "tb").rglob("events.out.tfevents.*")]
+    assert runs
+    tags = set()
+    for run in runs:
+        accumulator = event_accumulator.EventAccumulator(str(run))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"train/sar/entropy", "train/sar/ce_loss", "train/sar/weight", "train/sar/skipped_maps"} <= tags
+
+
+def test_resume_from_checkpoint_continues_the_lambda_sequence(tmp_path):
+    def run(output_dir, resume=None):
+        model = make_model()
+        seen = record_weights(model)
+        args = make_args(output_dir, num_train_epochs=3, save_strategy="steps", save_steps=3)
+        callback = SARCallback(warmup_epochs=1, granularity="step")
+        trainer = SARTrainer(model=model, args=args, train_dataset=TinyImages(), callbacks=[callback])
+        trainer.train(resume_from_checkpoint=resume)
+        return [weight for weight, _ in seen], trainer
+
+    full, uninterrupted = run(tmp_path / "a")
+    assert len(full) == 6 and len(set(full)) > 2
+    resumed, trainer = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-3"))
+    assert resumed == pytest.approx(full[3:])
+    full_logged = {entry["step"]: entry["sar/weight"] for entry in train_logs(uninterrupted)}
+    for entry in train_logs(trainer):
+        assert entry["sar/weight"] == pytest.approx(full_logged[entry["step"]])
+    assert [entry["step"] for entry in train_logs(trainer)][-3:] == [4, 5, 6]
+
+
+def test_non_finite_scores_are_skipped_and_training_stays_finite(tmp_path, monkeypatch):
+    real = sar_hf.modeling_sar_vit.spatial_entropy
+    calls = []
+
+    def poisoned(cls_logits, grid_size, **kwargs):
+        calls.append(None)
+        if len(calls) % 2:  # every other forward: one +inf map and one NaN map
+            cls_logits = cls_logits.clone()
+            cls_logits[0, 0, 3] = math.inf
+            cls_logits[1, 2, 0] = math.nan
+        return real(cls_logits, grid_size, **kwargs)
+
+    monkeypatch.setattr(sar_hf.modeling_sar_vit, "spatial_entropy", poisoned)
+    model = make_model()
+    args = make_args(tmp_path, num_train_epochs=2)
+    trainer = SARTrainer(
+        model=model, args=args, train_dataset=TinyImages(), callbacks=[SARCallback(schedule="constant")]
+    )
+    trainer.train()
+
+    assert len(calls) == 4
+    logs = train_logs(trainer)
+    assert [entry["sar/skipped_maps"] for entry in logs] == [2, 0, 2, 0]
+    assert all(math.isfinite(entry["loss"]) and math.isfinite(entry["sar/entropy"]) for entry in logs)
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
