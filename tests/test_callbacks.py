@@ -114,7 +114,7 @@ def test_peak_defaults_to_the_models_weight_at_train_begin(args):
 
 
 class LossLike:
-    """Stands for SpatialEntropyLoss: the callback reads `sar_weight` and `sar_stats`, writes `scheduled_sar_weight`."""
+    """Stands for SpatialEntropyLoss: the callback reads `sar_weight`, `sar_stats`; writes `scheduled_sar_weight`."""
 
     sar_weight = 0.6
     scheduled_sar_weight = None
