@@ -214,6 +214,9 @@ def test_resume_from_checkpoint_continues_the_lambda_sequence(tmp_path):
     for entry in train_logs(trainer):
         assert entry["sar/weight"] == pytest.approx(full_logged[entry["step"]])
     assert [entry["step"] for entry in train_logs(trainer)][-3:] == [4, 5, 6]
+    # Every weight came back from the checkpoint (Trainer alone would skip ViT's renamed ones).
+    for (name, a), b in zip(uninterrupted.model.named_parameters(), trainer.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 def test_non_finite_scores_are_skipped_and_training_stays_finite(tmp_path, monkeypatch):

@@ -1,0 +1,242 @@
+"""sar_hf.data: the bundled digits, the data checks, the transforms and the checkpoint checks."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from PIL import Image as PILImage
+
+from sar_hf.data import (
+    ImageTransform,
+    check_classes,
+    check_columns,
+    check_image_folder,
+    collate_fn,
+    drop_bad_images,
+    find_bad_images,
+    is_complete_checkpoint,
+    last_complete_checkpoint,
+    load_digits_dataset,
+    prepare_labels,
+    processor_size,
+    stratified_split,
+    stratified_subset,
+)
+
+
+def _png(path, value=128, size=(8, 8)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    PILImage.new("RGB", size, (value, value, value)).save(path)
+    return str(path)
+
+
+def _labelled(labels, feature=None):
+    feature = feature or ClassLabel(names=["a", "b", "c"])
+    return Dataset.from_dict({"label": labels}, features=Features({"label": feature}))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_dataset()
+
+
+def test_digits_are_real_fixed_and_stratified(digits):
+    assert set(digits) == {"train", "test"}
+    assert (len(digits["train"]), len(digits["test"])) == (1437, 360)
+    assert digits["train"].features["label"].names == [str(i) for i in range(10)]
+    image = digits["test"][0]["image"]
+    assert image.mode == "L" and image.size == (8, 8)
+    counts = np.bincount(digits["test"]["label"], minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # 20% of each class
+    again = load_digits_dataset()  # the same split every time
+    assert list(again["test"]["label"]) == list(digits["test"]["label"])
+    np.testing.assert_array_equal(np.asarray(again["test"][5]["image"]), np.asarray(digits["test"][5]["image"]))
+
+
+def test_check_columns_lists_the_available_columns():
+    dataset = DatasetDict({"train": Dataset.from_dict({"img": [1], "label": [0]})})
+    with pytest.raises(ValueError, match=r"no column 'image'.*\['img', 'label'\].*--image_column_name"):
+        check_columns(dataset, "image", "label")
+    check_columns(dataset, "img", "label")
+
+
+def test_check_image_folder(tmp_path):
+    with pytest.raises(ValueError, match="is not a folder"):
+        check_image_folder(str(tmp_path / "missing"))
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    (tmp_path / "empty" / "cat" / "notes.txt").write_text("no image")
+    with pytest.raises(ValueError, match=r"holds no image files.*one subfolder per class"):
+        check_image_folder(str(tmp_path / "empty"), "--train_dir")
+    _png(tmp_path / "ok" / "cat" / "1.PNG")
+    check_image_folder(str(tmp_path / "ok"))
+
+
+def test_prepare_labels_rejects_missing_labels():
+    dataset = DatasetDict({"train": _labelled([0, 1, -1, 2])})
+    with pytest.raises(ValueError, match=r"outside 0\.\.2.*-1 at index 2"):
+        prepare_labels(dataset, "label")
+
+
+def test_prepare_labels_rejects_other_types():
+    dataset = DatasetDict({"train": Dataset.from_dict({"label": [0.5, 1.0]})})
+    with pytest.raises(ValueError, match="has type float64; expected a ClassLabel, integers or strings"):
+        prepare_labels(dataset, "label")
+
+
+@pytest.mark.parametrize(
+    "train, validation, names",
+    [
+        (["dog", "cat", "dog"], ["cat", "eel"], ["cat", "dog", "eel"]),
+        ([7, 3, 7], [3], ["3", "7"]),  # sorted by value, ids 0..k-1 whatever the raw integers
+    ],
+)
+def test_prepare_labels_encodes_strings_and_integers(train, validation, names):
+    dataset = DatasetDict(
+        {"train": Dataset.from_dict({"label": train}), "validation": Dataset.from_dict({"label": validation})}
+    )
+    out = prepare_labels(dataset, "label")
+    for split, raw in (("train", train), ("validation", validation)):
+        assert out[split].features["label"].names == names
+        assert [names[i] for i in out[split]["label"]] == [str(v) for v in raw]
+
+
+def test_prepare_labels_keeps_a_valid_class_label():
+    dataset = DatasetDict({"train": _labelled([0, 2, 1])})
+    assert prepare_labels(dataset, "label") is dataset
+
+
+def test_check_classes():
+    with pytest.raises(ValueError, match=r"only one class \(\['b'\]\)"):
+        check_classes(_labelled([1, 1, 1]), "label")
+    with pytest.raises(ValueError, match="only one class"):
+        check_classes(_labelled([0], ClassLabel(names=["only"])), "label")
+    with pytest.raises(ValueError, match="'train' split is empty"):
+        check_classes(_labelled([]), "label")
+    check_classes(_labelled([0, 2]), "label")
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    good = [_png(tmp_path / f"good{i}.png", 40 * i) for i in range(3)]
+    truncated = tmp_path / "truncated.png"
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    PILImage.fromarray(noise).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:1500])  # a PNG cut short, as by an interrupted copy
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"not an image at all")
+    return good, str(truncated), str(garbage)
+
+
+def test_bad_images_are_named_or_skipped_and_counted(image_files):
+    good, truncated, garbage = image_files
+    files = [good[0], truncated, good[1], garbage, good[2]]
+    features = Features({"image": Image(), "label": ClassLabel(names=["a", "b"])})
+    ds = Dataset.from_dict({"image": files, "label": [0, 1, 0, 1, 0]}, features=features)
+    bad = find_bad_images(ds, "image")
+    assert [(i, name) for i, name, _ in bad] == [(1, truncated), (3, garbage)]
+
+    dataset = DatasetDict({"train": ds})
+    with pytest.raises(
+        ValueError, match=r"2 image\(s\) of the 'train' split cannot be read: .*truncated\.png.*garbage\.png"
+    ):
+        drop_bad_images(dataset, "image")
+    assert drop_bad_images(dataset, "image", skip=True) == {"train": 2}
+    assert len(dataset["train"]) == 3
+    assert find_bad_images(dataset["train"], "image") == []
+
+
+def test_bad_images_in_memory_are_named_by_index():
+    features = Features({"image": Image(), "label": Value("int64")})
+    ds = Dataset.from_dict({"image": [{"bytes": b"\x89PNG broken", "path": None}], "label": [0]}, features=features)
+    assert find_bad_images(ds, "image")[0][:2] == (0, "index 0")
+
+
+def test_stratified_split_and_subset():
+    ds = _labelled([0] * 40 + [1] * 40 + [2] * 20)
+    split = stratified_split(ds, 0.25, "label", seed=0)
+    assert np.bincount(split["test"]["label"]).tolist() == [10, 10, 5]
+    subset = stratified_subset(ds, 0.5, "label", seed=0)
+    assert np.bincount(subset["label"]).tolist() == [20, 20, 10]
+    assert stratified_subset(ds, 1.0, "label", seed=0) is ds
+    tiny = _labelled([0, 1, 2])  # too few images to put every class on both sides: random split
+    assert len(stratified_split(tiny, 1, "label", seed=0)["test"]) == 1
+
+
+def test_image_transform_eval_resizes_and_normalises():
+    transform = ImageTransform((16, 12), image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    out = transform(PILImage.new("L", (8, 8), 255))  # grayscale -> 3 channels
+    assert out.shape == (3, 16, 12) and out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.ones_like(out))
+    rgba = transform(PILImage.new("RGBA", (20, 20), (0, 0, 0, 0)))
+    torch.testing.assert_close(rgba, -torch.ones(3, 16, 12))
+
+
+def test_image_transform_augments_reproducibly():
+    image = PILImage.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4)
+    plain = ImageTransform((8, 8), [0.0] * 3, [1.0] * 3)(image)
+    augment = ImageTransform((8, 8), [0.0] * 3, [1.0] * 3, augment=True, hflip=True, crop_scale=(0.5, 0.6))
+    torch.manual_seed(0)
+    first = [augment(image) for _ in range(4)]
+    torch.manual_seed(0)
+    second = [augment(image) for _ in range(4)]
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b)
+        assert a.shape == (3, 8, 8) and not torch.equal(a, plain)
+
+
+def test_processor_size():
+    class Processor:
+        size = {"height": 24, "width": 32}
+        do_center_crop = False
+
+    assert processor_size(Processor()) == (24, 32)
+    Processor.size, Processor.do_center_crop, Processor.crop_size = (
+        {"shortest_edge": 256},
+        True,
+        {"height": 224, "width": 224},
+    )
+    assert processor_size(Processor()) == (224, 224)
+    Processor.do_center_crop = False
+    assert processor_size(Processor()) == (256, 256)
+
+
+def test_collate_fn():
+    batch = collate_fn(
+        [{"pixel_values": torch.zeros(3, 4, 4), "labels": 1}, {"pixel_values": torch.ones(3, 4, 4), "labels": 0}]
+    )
+    assert batch["pixel_values"].shape == (2, 3, 4, 4)
+    assert batch["labels"].tolist() == [1, 0] and batch["labels"].dtype == torch.long
+
+
+def _checkpoint(folder, step, state=True, weights=True):
+    from safetensors.torch import save_file
+
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    if weights:
+        save_file({"w": torch.zeros(64, 64)}, str(path / "model.safetensors"))
+    if state:
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return str(path)
+
+
+def test_last_complete_checkpoint_skips_half_written_folders(tmp_path):
+    assert last_complete_checkpoint(str(tmp_path / "none")) is None
+    good = _checkpoint(tmp_path, 20)
+    _checkpoint(tmp_path, 100)
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-100")
+    # Killed before trainer_state.json, while writing it, or while writing the weights.
+    _checkpoint(tmp_path, 200, state=False)
+    half = _checkpoint(tmp_path, 300)
+    (tmp_path / "checkpoint-300" / "trainer_state.json").write_text('{"global_step": 3')
+    cut = _checkpoint(tmp_path, 400)
+    weights = tmp_path / "checkpoint-400" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    _checkpoint(tmp_path, 500, weights=False)
+    (tmp_path / "checkpoint-600").write_text("a file, not a folder")
+    assert not any(is_complete_checkpoint(p) for p in (half, cut, str(tmp_path / "checkpoint-200")))
+    assert is_complete_checkpoint(good)
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-100")
