@@ -10,19 +10,11 @@ import math
 
 import pytest
 import torch
+from tiny import TINY
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from sar_hf import SARCallback, SARViTConfig, SARViTForImageClassification
 
-TINY = {
-    "image_size": 16,
-    "patch_size": 4,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "intermediate_size": 37,
-    "num_labels": 3,
-}
 EPOCHS, MAX_STEPS, WARMUP, PEAK = 5, 20, 2, 0.1
 
 PER_EPOCH = {step: [0.0, 0.05, 0.1, 0.05, 0.0][step // 4] for step in range(MAX_STEPS)}

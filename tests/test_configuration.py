@@ -4,20 +4,11 @@ import json
 import math
 
 import pytest
+from tiny import TINY
 from transformers import AutoConfig, ViTConfig
 
 import sar_hf
 from sar_hf import SARViTConfig
-
-TINY = {
-    "image_size": 16,
-    "patch_size": 4,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "intermediate_size": 37,
-    "num_labels": 3,
-}
 
 
 def test_defaults_are_the_papers_and_the_rest_is_vit():

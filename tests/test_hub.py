@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import TINY
 from transformers import (
     AutoModelForImageClassification,
     TrainingArguments,
@@ -21,18 +22,7 @@ from transformers import (
 import sar_hf
 from sar_hf import SARCallback, SARTrainer, SARViTConfig, SARViTForImageClassification
 
-TINY = {
-    "image_size": 16,
-    "patch_size": 4,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "intermediate_size": 37,
-    "num_labels": 3,
-    "initializer_range": 0.2,
-    "id2label": {0: "cat", 1: "dog", 2: "fox"},
-    "label2id": {"cat": 0, "dog": 1, "fox": 2},
-}
+TINY = {**TINY, "id2label": {0: "cat", 1: "dog", 2: "fox"}, "label2id": {"cat": 0, "dog": 1, "fox": 2}}
 SETTINGS = {"sar_weight": 0.05, "sar_layer": 0}
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from torch.utils.data import Dataset
+from tiny import TINY, TinyImages
 from transformers import (
     BeitConfig,
     BeitForImageClassification,
@@ -27,16 +27,6 @@ from transformers import (
 
 from sar_hf import SARCallback, SARViTConfig, SARViTForImageClassification, SpatialEntropyLoss, spatial_entropy
 
-TINY = {
-    "image_size": 16,
-    "patch_size": 4,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "intermediate_size": 37,
-    "num_labels": 3,
-    "initializer_range": 0.2,
-}
 EAGER = {"attn_implementation": "eager", "output_attentions": True}
 GRID = (4, 4)
 BATCH = 3
@@ -193,19 +183,6 @@ def test_bad_settings_are_value_errors(kwargs, match):
 
 
 # -- inside Trainer ----------------------------------------------------------------------------
-
-
-class TinyImages(Dataset):
-    def __init__(self, n: int = 8, seed: int = 0):
-        generator = torch.Generator().manual_seed(seed)
-        self.pixel_values = torch.randn(n, 3, 16, 16, generator=generator)
-        self.labels = torch.randint(0, 3, (n,), generator=generator)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.pixel_values[i], "labels": self.labels[i]}
 
 
 def test_as_compute_loss_func_in_trainer(tmp_path):

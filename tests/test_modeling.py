@@ -12,22 +12,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import TINY
 from transformers import ViTConfig, ViTForImageClassification
 from transformers.models.vit import modeling_vit
 
 from sar_hf import SARViTConfig, SARViTForImageClassification, spatial_entropy
 from sar_hf.modeling_sar_vit import SARImageClassifierOutput
 
-TINY = {
-    "image_size": 16,
-    "patch_size": 4,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "intermediate_size": 37,
-    "num_labels": 3,
-    "initializer_range": 0.2,
-}
 GRID = (4, 4)
 BATCH = 3
 

@@ -4,36 +4,13 @@ import math
 
 import pytest
 import torch
-from torch.utils.data import Dataset
+from tiny import TINY, TinyImages
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import sar_hf.modeling_sar_vit
 from sar_hf import SARCallback, SARTrainer, SARViTConfig, SARViTForImageClassification
 
-TINY = {
-    "image_size": 16,
-    "patch_size": 4,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "intermediate_size": 37,
-    "num_labels": 3,
-    "initializer_range": 0.2,
-}
 SAR_KEYS = ("sar/entropy", "sar/ce_loss", "sar/weight", "sar/skipped_maps")
-
-
-class TinyImages(Dataset):
-    def __init__(self, n: int = 8, seed: int = 0):
-        generator = torch.Generator().manual_seed(seed)
-        self.pixel_values = torch.randn(n, 3, 16, 16, generator=generator)
-        self.labels = torch.randint(0, 3, (n,), generator=generator)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.pixel_values[i], "labels": self.labels[i]}
 
 
 def make_model(seed: int = 0, **settings) -> SARViTForImageClassification:
