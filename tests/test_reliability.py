@@ -15,6 +15,8 @@ import sys
 import time
 
 import pytest
+import torch
+from tiny import TINY
 
 import sar_hf
 from sar_hf.data import last_complete_checkpoint
@@ -98,3 +100,16 @@ def test_the_package_never_unpickles():
                     assert weights_only and weights_only[0].value.value is True, f"{path}:{node.lineno}"
             if isinstance(node, ast.keyword) and node.arg == "trust_remote_code":
                 raise AssertionError(f"{path}: trust_remote_code")
+
+
+def test_identical_images_give_empty_masks_and_a_finite_loss():
+    """A batch of identical constant images: every patch token, hence every score, is the same."""
+    torch.manual_seed(0)
+    model = sar_hf.SARViTForImageClassification(sar_hf.SARViTConfig(**TINY, sar_weight=0.1)).train()
+    with torch.no_grad():
+        model.vit.embeddings.position_embeddings.zero_()  # nothing tells the patches apart
+    output = model(torch.full((4, 3, 16, 16), 0.5), labels=torch.tensor([0, 1, 2, 0]))
+    assert output.spatial_entropy.item() == 0.0 and output.skipped_maps.item() == 0
+    assert torch.isfinite(output.loss)
+    output.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
