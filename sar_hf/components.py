@@ -2,11 +2,10 @@
 
 Two exact algorithms, one result:
 
-* ``"scipy"`` (CPU): every map is stacked into one tall image with a blank row under each
-  map, and a single ``scipy.ndimage.label`` call labels them all. A blank row separates the
-  maps for 4- and 8-connectivity alike, and scipy numbers regions in raster order, so the
-  regions of map ``i`` are one contiguous block of labels that a per-map offset renumbers
-  to ``1..n_i``.
+* ``"scipy"`` (CPU): a single ``scipy.ndimage.label`` call labels the ``[M, gh, gw]`` stack
+  with a 3-D structure that joins nothing across maps. scipy numbers regions in raster
+  order, so the regions of map ``i`` are one contiguous block of labels that a per-map
+  offset renumbers to ``1..n_i``.
 * ``"propagation"`` (any device, the default on GPUs): min-label propagation over the
   3×3 (or cross) neighbourhood with Shiloach–Vishkin style hooking and pointer jumping,
   all in batched tensor ops, so the maps never leave the device.
@@ -37,8 +36,8 @@ def connected_components(mask: torch.Tensor, connectivity: int = 8, algorithm: s
         regions numbered `1..n` within each map in raster order of their first pixel.
 
     Cost, for M maps of side s (n = s² pixels):
-        * scipy: one O(M·n) pass over a (M·(s+1))×s image; the mask is copied to the host
-          and the labels back, one synchronisation.
+        * scipy: one O(M·n) pass over the stacked maps; the mask is copied to the host and
+          the labels back, one synchronisation.
         * propagation: O(M·n) work per round and O(log n) rounds for compact regions, at
           most O(n) for adversarial snakes; one host synchronisation per round (the
           convergence test). Memory O(M·n).
@@ -63,18 +62,20 @@ def connected_components(mask: torch.Tensor, connectivity: int = 8, algorithm: s
 
 
 def _label_scipy(maps: torch.Tensor, connectivity: int) -> torch.Tensor:
-    """[M, gh, gw] bool -> [M, gh, gw] int64 via one scipy call on the tiled maps."""
-    m, gh, gw = maps.shape
-    tiled = np.zeros((m, gh + 1, gw), dtype=bool)  # the extra row is the blank separator
-    tiled[:, :gh] = maps.cpu().numpy()
-    structure = scipy.ndimage.generate_binary_structure(2, 2 if connectivity == 8 else 1)
-    labels, _ = scipy.ndimage.label(tiled.reshape(m * (gh + 1), gw), structure=structure)
-    labels = labels.reshape(m, gh + 1, gw)[:, :gh].astype(np.int64)
+    """[M, gh, gw] bool -> [M, gh, gw] int64 via one scipy call on the stacked maps."""
+    m = maps.shape[0]
+    # A 3-D structure with empty outer planes joins nothing across maps, so the maps need no
+    # copy into a tiled image; the labels come out in raster order over (map, row, column).
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = scipy.ndimage.generate_binary_structure(2, 2 if connectivity == 8 else 1)
+    labels = np.empty(maps.shape, dtype=np.int64)
+    scipy.ndimage.label(maps.cpu().numpy(), structure=structure, output=labels)
+    labels = torch.from_numpy(labels)
     # Regions of earlier maps took the labels below this map's; the running max counts them.
-    last = labels.reshape(m, -1).max(axis=1)
-    offset = np.concatenate([[0], np.maximum.accumulate(last)[:-1]])
-    labels -= np.where(labels > 0, offset[:, None, None], 0)
-    return torch.from_numpy(labels).to(maps.device)
+    last = torch.cummax(labels.reshape(m, -1).amax(dim=1), dim=0).values
+    offset = torch.cat([last.new_zeros(1), last[:-1]])
+    # The background goes negative and is clamped back to 0; regions land on 1..n_i.
+    return labels.sub_(offset.reshape(m, 1, 1)).clamp_(min=0).to(maps.device)
 
 
 def _label_propagation(maps: torch.Tensor, connectivity: int) -> torch.Tensor:

@@ -71,26 +71,36 @@ def _entropy_per_map(cls_logits, gh, gw, connectivity):
     """[B, H, n] scores -> ([B, H] entropies, [B, H] bool validity)."""
     dtype = torch.float64 if cls_logits.dtype == torch.float64 else torch.float32
     scores = cls_logits.to(dtype)
-    valid = torch.isfinite(scores).all(dim=-1)
-    # Bad rows are zeroed (not masked later) so that no NaN reaches the sums or gradients.
-    scores = torch.where(valid.unsqueeze(-1), scores, 0.0)
-    magnitude = scores.detach().abs().amax(dim=-1, keepdim=True)
-    scale = torch.exp2(-(torch.log2(magnitude / _SAFE_MAGNITUDE)).ceil().clamp(min=0))
-    scores = scores * scale
+    # The largest |s| of each row (two reductions, no |s| temporary) flags both the rows with
+    # NaN or ±inf (not finite) and the rows too large for `s - mean`; the rare fixes below
+    # run only when needed.
+    detached = scores.detach()
+    magnitude = torch.maximum(detached.amax(dim=-1, keepdim=True), -detached.amin(dim=-1, keepdim=True))
+    valid = torch.isfinite(magnitude)
+    magnitude = torch.where(valid, magnitude, 0.0)
+    any_bad, any_big = torch.stack(((~valid).any(), (magnitude > _SAFE_MAGNITUDE).any())).tolist()
+    if any_bad:  # zeroed (not masked later) so that no NaN reaches the sums or gradients
+        scores = torch.where(valid, scores, 0.0)
+    if any_big:
+        scores = scores * torch.exp2(-(torch.log2(magnitude / _SAFE_MAGNITUDE)).ceil().clamp(min=0))
 
-    mean = scores.mean(dim=-1, keepdim=True)  # step 2
+    # Step 2. Written as sum / n and `+ (-mean)` below so that the backward pass broadcasts
+    # the mean's gradient without full-size negate and divide passes.
+    mean = scores.sum(dim=-1, keepdim=True) / scores.shape[-1]
     mask = scores > mean
-    labels = connected_components(mask.detach().reshape(*mask.shape[:-1], gh, gw), connectivity)  # step 3
-    labels = labels.flatten(-2)
-    x = torch.relu(scores - mean) + _EPS  # step 4
-    # Step 5: region masses by scatter-add; slot 0 gathers the background and is dropped.
-    mass = torch.zeros_like(scores).new_zeros(*scores.shape[:-1], gh * gw + 1)
-    mass = mass.scatter_add(-1, labels, x)[..., 1:]
+    labels = connected_components(mask.reshape(-1, gh, gw), connectivity).reshape(mask.shape)  # step 3
+    n_slots = int(labels.max()) + 1 if labels.numel() else 1  # regions of the busiest map, plus slot 0
+    # Step 4 without the relu: only the mask's pixels reach a region slot, and there s > m.
+    # The background lands in slot 0, which is dropped, so it gets a zero gradient as under relu.
+    x = (scores + (-mean)).add_(_EPS)
+    # Step 5: region masses by scatter-add into as many slots as the busiest map has regions.
+    mass = scores.new_zeros(*scores.shape[:-1], n_slots).scatter_add(-1, labels, x)[..., 1:]
     total = mass.sum(dim=-1, keepdim=True)
     p = mass / torch.where(total > 0, total, 1.0)
     # Step 6, written so that empty slots give 0 and a finite gradient.
     plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), 0.0)
     entropy = -plogp.sum(dim=-1)
+    valid = valid.squeeze(-1)
     return torch.where(valid, entropy, 0.0), valid
 
 

@@ -1,0 +1,273 @@
+"""`sar_hf.connected_components` against `scipy.ndimage.label` run map by map.
+
+Label numbers may differ between two correct labellings, so the checks compare partitions:
+the same background, a one-to-one match between regions, and labels exactly 1..n_i per map.
+"""
+
+import numpy as np
+import pytest
+import scipy.ndimage
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from sar_hf import connected_components
+
+ALGORITHMS = ("scipy", "propagation")
+CONNECTIVITIES = (4, 8)
+
+
+def reference_labels(mask: np.ndarray, connectivity: int) -> np.ndarray:
+    """[..., gh, gw] bool -> labels from one `scipy.ndimage.label` call per map."""
+    structure = scipy.ndimage.generate_binary_structure(2, 2 if connectivity == 8 else 1)
+    maps = mask.reshape(-1, *mask.shape[-2:])
+    out = np.zeros(maps.shape, dtype=np.int64)
+    for i, one in enumerate(maps):
+        out[i], _ = scipy.ndimage.label(one, structure=structure)
+    return out.reshape(mask.shape)
+
+
+def assert_same_partition(labels: torch.Tensor, mask: np.ndarray, connectivity: int) -> None:
+    """`labels` splits every map of `mask` into the regions scipy finds, numbered 1..n_i."""
+    assert labels.dtype == torch.int64
+    assert tuple(labels.shape) == mask.shape
+    expected = reference_labels(mask, connectivity).reshape(-1, mask.shape[-2] * mask.shape[-1])
+    got = labels.cpu().numpy().reshape(expected.shape)
+    for i, (ours, ref) in enumerate(zip(got, expected, strict=True)):
+        np.testing.assert_array_equal(ours > 0, ref > 0, err_msg=f"map {i}: background differs")
+        n = int(ref.max())
+        assert sorted(np.unique(ours[ours > 0]).tolist()) == list(range(1, n + 1)), f"map {i}: labels not 1..{n}"
+        # A partition matches iff the (ours, ref) label pairs form a bijection.
+        pairs = np.unique(np.stack([ours[ref > 0], ref[ref > 0]]), axis=1)
+        assert pairs.shape[1] == n, f"map {i}: {pairs.shape[1]} label pairs for {n} regions"
+
+
+def random_mask(rng: np.random.Generator, shape: tuple[int, ...], density: float) -> np.ndarray:
+    return rng.random(shape) < density
+
+
+# -- random masks ------------------------------------------------------------------------------
+
+SHAPES = [(1, 1), (1, 17), (17, 1), (2, 2), (14, 14), (7, 13), (13, 7), (32, 32), (64, 64)]
+DENSITIES = [i / 10 for i in range(11)]
+LEADS = [(2, 3), (5,), ()]  # [B, H, gh, gw], [M, gh, gw], [gh, gw]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("connectivity", CONNECTIVITIES)
+@pytest.mark.parametrize("grid", SHAPES, ids=lambda g: f"{g[0]}x{g[1]}")
+def test_random_masks_match_scipy(algorithm, connectivity, grid):
+    rng = np.random.default_rng(grid[0] * 100 + grid[1])
+    for i, density in enumerate(DENSITIES):
+        lead = LEADS[i % len(LEADS)]  # every shape meets every layout of leading dims
+        mask = random_mask(rng, (*lead, *grid), density)
+        labels = connected_components(torch.from_numpy(mask), connectivity, algorithm=algorithm)
+        assert_same_partition(labels, mask, connectivity)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_labels_in_raster_order_of_first_pixel(algorithm):
+    # The docstring promises raster order, which both algorithms must share.
+    mask = random_mask(np.random.default_rng(0), (20, 9, 11), 0.45)
+    labels = connected_components(torch.from_numpy(mask), algorithm=algorithm).numpy().reshape(20, -1)
+    for one in labels:
+        first_seen = list(dict.fromkeys(one[one > 0].tolist()))
+        assert first_seen == list(range(1, len(first_seen) + 1))
+
+
+def test_algorithms_agree_exactly_and_auto_is_scipy_on_cpu():
+    mask = torch.from_numpy(random_mask(np.random.default_rng(1), (4, 6, 14, 14), 0.5))
+    for connectivity in CONNECTIVITIES:
+        scipy_labels = connected_components(mask, connectivity, algorithm="scipy")
+        assert torch.equal(connected_components(mask, connectivity, algorithm="propagation"), scipy_labels)
+        assert torch.equal(connected_components(mask, connectivity), scipy_labels)
+
+
+# -- adversarial masks -------------------------------------------------------------------------
+
+
+def spiral(gh: int, gw: int) -> np.ndarray:
+    """A one-pixel wall spiralling inwards with one-pixel gaps: one long region."""
+    mask = np.zeros((gh, gw), dtype=bool)
+    r, c, dr, dc = 0, 0, 0, 1
+    mask[0, 0] = True
+
+    def free(r, c):
+        return 0 <= r < gh and 0 <= c < gw and not mask[r, c]
+
+    turns = 0
+    while turns < 2:
+        # Step on while the cell two ahead stays clear, so the next lap keeps a gap.
+        ahead = (r + 2 * dr, c + 2 * dc)
+        if free(r + dr, c + dc) and (not (0 <= ahead[0] < gh and 0 <= ahead[1] < gw) or not mask[ahead]):
+            r, c = r + dr, c + dc
+            mask[r, c] = True
+            turns = 0
+        else:
+            dr, dc = dc, -dr  # turn clockwise
+            turns += 1
+    return mask
+
+
+def snake(gh: int, gw: int) -> np.ndarray:
+    """Boustrophedon: full rows on even lines joined at alternating ends: one region."""
+    mask = np.zeros((gh, gw), dtype=bool)
+    mask[::2] = True
+    for r in range(1, gh, 2):
+        mask[r, gw - 1 if r % 4 == 1 else 0] = True
+    return mask
+
+
+def checkerboard(gh: int, gw: int) -> np.ndarray:
+    return (np.add.outer(np.arange(gh), np.arange(gw)) % 2) == 0
+
+
+def diagonals(gh: int, gw: int) -> np.ndarray:
+    """Parallel diagonal lines: 8-connected each, only points for 4-connectivity."""
+    return (np.add.outer(np.arange(gh), np.arange(gw)) % 3) == 0
+
+
+def anti_diagonal(gh: int, gw: int) -> np.ndarray:
+    return np.subtract.outer(np.arange(gh), np.arange(gw)) % 4 == 0
+
+
+ADVERSARIAL = {
+    "spiral": spiral,
+    "snake": snake,
+    "checkerboard": checkerboard,
+    "diagonals": diagonals,
+    "anti_diagonal": anti_diagonal,
+    "full": lambda gh, gw: np.ones((gh, gw), dtype=bool),
+    "empty": lambda gh, gw: np.zeros((gh, gw), dtype=bool),
+    "stripes": lambda gh, gw: np.broadcast_to(np.arange(gw) % 2 == 0, (gh, gw)).copy(),
+}
+ADVERSARIAL_GRIDS = [(1, 1), (1, 64), (64, 1), (2, 5), (14, 14), (7, 13), (33, 31), (64, 64)]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("connectivity", CONNECTIVITIES)
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL))
+def test_adversarial_masks_match_scipy(algorithm, connectivity, name):
+    maker = ADVERSARIAL[name]
+    for grid in ADVERSARIAL_GRIDS:
+        mask = maker(*grid)
+        labels = connected_components(torch.from_numpy(mask), connectivity, algorithm=algorithm)
+        assert_same_partition(labels, mask, connectivity)
+        # Batched with a random map and its complement, the map must keep its own labels.
+        rng = np.random.default_rng(0)
+        other = random_mask(rng, grid, 0.5)
+        batch = np.stack([other, mask, ~mask, mask])
+        labels = connected_components(torch.from_numpy(batch), connectivity, algorithm=algorithm)
+        assert_same_partition(labels, batch, connectivity)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_region_counts_known_by_construction(algorithm):
+    def count(mask, connectivity):
+        return int(connected_components(torch.from_numpy(mask), connectivity, algorithm=algorithm).max())
+
+    for gh, gw in [(1, 1), (1, 8), (8, 1), (14, 14), (7, 13), (64, 64)]:
+        board = checkerboard(gh, gw)
+        assert count(board, 8) == (1 if min(gh, gw) > 1 else board.sum())  # a 1xN board has no diagonals
+        assert count(board, 4) == board.sum()
+        assert count(snake(gh, gw), 4) == 1
+        assert count(snake(gh, gw), 8) == 1
+        assert count(np.ones((gh, gw), dtype=bool), 4) == 1
+        assert count(np.zeros((gh, gw), dtype=bool), 8) == 0
+    assert count(spiral(64, 64), 4) == 1
+    # n parallel diagonals of a square grid; as pixels under 4-connectivity.
+    lines = diagonals(30, 30)
+    assert count(lines, 8) == len(range(0, 59, 3))
+    assert count(lines, 4) == lines.sum()
+
+
+def test_long_snake_needs_many_rounds():
+    # The worst case of label propagation: the minimum label must travel ~n/2 pixels.
+    mask = np.stack([snake(64, 64), snake(64, 64)[::-1, ::-1], spiral(64, 64)])
+    for connectivity in CONNECTIVITIES:
+        labels = connected_components(torch.from_numpy(mask), connectivity, algorithm="propagation")
+        assert_same_partition(labels, mask, connectivity)
+        assert labels.amax(dim=(1, 2)).tolist() == [1, 1, 1]
+
+
+# -- properties --------------------------------------------------------------------------------
+
+sides = st.integers(1, 64)
+leads = st.lists(st.integers(1, 3), max_size=2).map(tuple)
+
+
+@st.composite
+def masks(draw):
+    gh, gw, lead = draw(sides), draw(sides), draw(leads)
+    # `arrays` fills around a background value, so mix it with a seeded random base to
+    # reach every density while keeping the draw shrinkable.
+    edits = draw(arrays(np.bool_, (*lead, gh, gw), elements=st.booleans()))
+    density = draw(st.sampled_from([0.0, 0.2, 0.5, 0.6, 0.9, 1.0]))
+    base = random_mask(np.random.default_rng(draw(st.integers(0, 2**16))), (*lead, gh, gw), density)
+    return base ^ edits
+
+
+@settings(deadline=None, max_examples=60)
+@given(mask=masks(), connectivity=st.sampled_from(CONNECTIVITIES), algorithm=st.sampled_from(ALGORITHMS))
+def test_property_matches_scipy(mask, connectivity, algorithm):
+    labels = connected_components(torch.from_numpy(mask), connectivity, algorithm=algorithm)
+    assert_same_partition(labels, mask, connectivity)
+
+
+@settings(deadline=None, max_examples=40)
+@given(mask=masks())
+def test_property_eight_connectivity_coarsens_four(mask):
+    # Every 4-region lies inside one 8-region, and the two algorithms agree exactly.
+    tensor = torch.from_numpy(mask).reshape(-1, *mask.shape[-2:])
+    four = connected_components(tensor, 4, algorithm="propagation")
+    eight = connected_components(tensor, 8, algorithm="propagation")
+    assert torch.equal(eight, connected_components(tensor, 8, algorithm="scipy"))
+    assert (eight.amax(dim=(1, 2)) <= four.amax(dim=(1, 2))).all()
+    which = torch.arange(len(tensor)).reshape(-1, 1, 1).expand_as(four)
+    fg = four > 0
+    # Labels are per map, so the map index is part of every key.
+    regions_four = torch.unique(torch.stack([which[fg], four[fg]]), dim=1)
+    pairs = torch.unique(torch.stack([which[fg], four[fg], eight[fg]]), dim=1)
+    assert pairs.shape[1] == regions_four.shape[1]
+
+
+# -- contract ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ("auto", *ALGORITHMS))
+def test_shape_dtype_device_preserved(algorithm):
+    for shape in [(3, 4, 5, 6), (7, 5, 6), (5, 6), (0, 5, 6), (2, 0, 4, 4)]:
+        mask = torch.rand(shape) > 0.5
+        labels = connected_components(mask, algorithm=algorithm)
+        assert labels.shape == mask.shape
+        assert labels.dtype == torch.int64
+        assert labels.device == mask.device
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_non_contiguous_input(algorithm):
+    mask = random_mask(np.random.default_rng(3), (3, 16, 9), 0.5)
+    transposed = torch.from_numpy(mask).transpose(-1, -2)  # a strided view
+    assert not transposed.is_contiguous()
+    labels = connected_components(transposed, algorithm=algorithm)
+    assert_same_partition(labels, np.ascontiguousarray(mask.transpose(0, 2, 1)), 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.float32])
+def test_non_bool_mask_raises_type_error(dtype):
+    with pytest.raises(TypeError, match="bool"):
+        connected_components(torch.ones(4, 4, dtype=dtype))
+
+
+@pytest.mark.parametrize("connectivity", [0, 6, 9])
+def test_bad_connectivity_raises(connectivity):
+    with pytest.raises(ValueError, match="connectivity"):
+        connected_components(torch.ones(4, 4, dtype=torch.bool), connectivity)
+
+
+def test_bad_algorithm_and_shape_raise():
+    with pytest.raises(ValueError, match="algorithm"):
+        connected_components(torch.ones(4, 4, dtype=torch.bool), algorithm="union-find")
+    with pytest.raises(ValueError, match="shape"):
+        connected_components(torch.ones(4, dtype=torch.bool))
