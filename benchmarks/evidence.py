@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 import sar_hf
-from sar_hf.data import load_digits_dataset
+from sar_hf.data import load_digits_dataset, load_image_processor
 from sar_hf.visualization import cls_attention, save_attention_figure
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
@@ -149,7 +149,7 @@ def run_study(args) -> list[dict]:
                     run = {"fraction": fraction, "seed": seed, "variant": variant, "max_steps": args.max_steps}
                     run.update(train_one(fraction, seed, variant, args.max_steps, output_dir))
                     model = sar_hf.SARViTForImageClassification.from_pretrained(output_dir)
-                    processor = run_sar.AutoImageProcessor.from_pretrained(output_dir)
+                    processor = load_image_processor(output_dir)
                     run.update(attention_metrics(model, processor, test))
                     if fraction == min(args.fractions) and seed == args.picture_seed:
                         model.save_pretrained(os.path.join(args.output, "models", variant))
@@ -232,7 +232,7 @@ def report(runs: list[dict], args, seconds: float) -> None:
     shown = [v for v in ("baseline", "sar-0.01") if os.path.isdir(os.path.join(models_dir, v))]
     if shown:
         models = {v: sar_hf.SARViTForImageClassification.from_pretrained(os.path.join(models_dir, v)) for v in shown}
-        processor = run_sar.AutoImageProcessor.from_pretrained(os.path.join(models_dir, shown[0]))
+        processor = load_image_processor(os.path.join(models_dir, shown[0]))
         test = load_digits_dataset()["test"]
         images = [test[i]["image"].convert("RGB").resize((64, 64), Image.NEAREST) for i in range(3)]
         save_attention_figure(models, images, processor, os.path.join(args.output, "attention_maps.png"))

@@ -80,7 +80,6 @@ import numpy as np
 import transformers
 from transformers import (
     AutoConfig,
-    AutoImageProcessor,
     HfArgumentParser,
     TrainingArguments,
     set_seed,
@@ -99,12 +98,14 @@ from sar_hf.data import (
     is_complete_checkpoint,
     last_complete_checkpoint,
     load_digits_dataset,
+    load_image_processor,
     prepare_labels,
     processor_size,
     stratified_split,
     stratified_subset,
 )
 from sar_hf.metrics import compute_metrics
+from sar_hf.visualization import save_attention_figure
 
 logger = logging.getLogger(__name__)
 
@@ -485,7 +486,7 @@ def build_model(model_args: ModelArguments, sar_args: SARArguments, labels: list
             **hub,
         )
         try:
-            processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name or path, **hub)
+            processor = load_image_processor(model_args.image_processor_name or path, **hub)
         except OSError:
             if model_args.image_processor_name is not None:
                 raise
@@ -508,7 +509,7 @@ def build_model(model_args: ModelArguments, sar_args: SARArguments, labels: list
         **sar,
     )
     if model_args.image_processor_name is not None:
-        processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name, cache_dir=model_args.cache_dir)
+        processor = load_image_processor(model_args.image_processor_name, cache_dir=model_args.cache_dir)
     else:
         processor = _vit_image_processor(config.image_size)
     return SARViTForImageClassification(config), processor
@@ -584,25 +585,6 @@ def figure_images(split, image_column: str, label_column: str, count: int) -> li
         order.append(int(np.flatnonzero(labels == label)[0]))
     order += [i for i in range(len(split)) if i not in set(order)]
     return [split[i][image_column] for i in order[:count]]
-
-
-def save_attention_maps(model, images, processor, output_path: str) -> str | None:
-    """`attention_maps.png` via `sar_hf.visualization`, or None (with a warning) when that is unavailable."""
-    try:
-        from sar_hf.visualization import save_attention_figure
-    except ImportError as error:
-        logger.warning("No attention figure: sar_hf.visualization is unavailable (%s).", error)
-        return None
-    was_training = model.training
-    model.eval()
-    try:
-        return str(
-            save_attention_figure(
-                models={"SAR": model}, images=images, image_processor=processor, output_path=output_path
-            )
-        )
-    finally:
-        model.train(was_training)
 
 
 def main(args: list[str] | None = None) -> dict:
@@ -728,8 +710,8 @@ def main(args: list[str] | None = None) -> dict:
     if pictures and trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
         output_path = os.path.join(training_args.output_dir, "attention_maps.png")
-        if save_attention_maps(model, pictures, processor, output_path) is not None:
-            logger.info("Attention maps of %d images: %s", len(pictures), output_path)
+        save_attention_figure({f"SAR λ={sar_args.sar_weight}": model}, pictures, processor, output_path)
+        logger.info("Attention maps of %d images: %s", len(pictures), output_path)
     local = model_args.model_name_or_path is None or os.path.isdir(model_args.model_name_or_path)
     if model_args.model_name_or_path is None:
         # The card takes a model's empty `name_or_path` for the name of a base model; a folder reads as

@@ -24,9 +24,10 @@ import argparse
 import pathlib
 
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers import AutoModelForImageClassification
 
 import sar_hf  # noqa: F401  (registers the SAR classes with the Auto classes)
+from sar_hf.data import load_image_processor
 from sar_hf.visualization import save_attention_figure
 
 
@@ -57,7 +58,7 @@ def main(argv=None) -> pathlib.Path:
         label: AutoModelForImageClassification.from_pretrained(model)
         for label, model in zip(args.labels, args.model, strict=True)
     }
-    image_processor = AutoImageProcessor.from_pretrained(args.model[0])
+    image_processor = load_image_processor(args.model[0])
     images = [Image.open(path).convert("RGB") for path in args.images]  # convert() reads and closes the file
     path = save_attention_figure(models, images, image_processor, args.output, heads=args.heads)
     print(f"Wrote {path}")

@@ -242,6 +242,20 @@ def stratified_subset(ds, fraction: float, label_column: str, seed: int):
 # Transforms (PIL + torch; no torchvision)
 
 
+def load_image_processor(name_or_path: str, **kwargs):
+    """`AutoImageProcessor.from_pretrained`, or `ViTImageProcessor` where the Auto class needs torchvision.
+
+    Some transformers releases (5.9, for one) refuse `AutoImageProcessor` without torchvision,
+    which does not install beside every torch build; ViT-family processors load as ViT's.
+    """
+    from transformers import AutoImageProcessor, ViTImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(name_or_path, **kwargs)
+    except ImportError:
+        return ViTImageProcessor.from_pretrained(name_or_path, **kwargs)
+
+
 def processor_size(image_processor) -> tuple[int, int]:
     """`(height, width)` that an image processor produces: its crop size if it crops, else its size."""
 

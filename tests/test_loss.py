@@ -47,8 +47,12 @@ def hand_scores(model, attention_module, pixel_values, prefix_tokens: int) -> to
     handle.remove()
     x = seen["x"]
     heads, d = 4, 8
-    q = attention_module.q_proj(x)[:, 0].reshape(BATCH, heads, d)
-    k = attention_module.k_proj(x)[:, prefix_tokens:].reshape(BATCH, -1, heads, d)
+    # Transformers renamed the projections over time (`attention.query` -> `q_proj`).
+    inner = getattr(attention_module, "attention", attention_module)
+    q_proj = getattr(attention_module, "q_proj", None) or inner.query
+    k_proj = getattr(attention_module, "k_proj", None) or inner.key
+    q = q_proj(x)[:, 0].reshape(BATCH, heads, d)
+    k = k_proj(x)[:, prefix_tokens:].reshape(BATCH, -1, heads, d)
     return (q.unsqueeze(1) * k).sum(-1).transpose(1, 2) / d**0.5
 
 

@@ -4,7 +4,6 @@ The script's `main(args)` is called in this process (as Transformers' example te
 for the two-process run, which goes through `accelerate launch` in a subprocess.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -190,8 +189,11 @@ def test_digits_default_run(tmp_path):
     assert "spatial-entropy" in card and "trained from scratch on the scikit-learn digits dataset" in card
     train_logs = [entry for entry in _state(out)["log_history"] if "loss" in entry]
     assert len(train_logs) == 4 and all("sar/entropy" in e and "sar/weight" in e for e in train_logs)
-    # The figure module may be missing in a partial install; the run then goes on without it.
-    assert (out / "attention_maps.png").is_file() == (importlib.util.find_spec("sar_hf.visualization") is not None)
+    # One row per image, an image column plus a map and a region column per head (2 in `tiny`).
+    from sar_hf.visualization import CELL_INCHES, DPI
+
+    with PILImage.open(out / "attention_maps.png") as picture:
+        assert picture.size == (CELL_INCHES * DPI * (1 + 2 * 2), CELL_INCHES * DPI * 3)
 
     from transformers import AutoModelForImageClassification, pipeline
 
