@@ -128,7 +128,8 @@ def test_data_parallel_wrapper_is_unwrapped(model, args):
     assert model.scheduled_sar_weight == pytest.approx(0.05)
 
 
-def test_distributed_data_parallel_is_unwrapped_and_stats_are_reduced(args, tmp_path):
+def test_distributed_data_parallel_is_unwrapped_and_stats_are_reduced(args, tmp_path, monkeypatch):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback: no hostname lookup in a closed sandbox
     torch.manual_seed(0)
     model = SARViTForImageClassification(SARViTConfig(**TINY, sar_weight=PEAK)).train()
     store = torch.distributed.FileStore(str(tmp_path / "store"), 1)

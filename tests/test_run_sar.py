@@ -342,6 +342,7 @@ def test_two_processes(tmp_path):
         *TINY, "--per_device_train_batch_size", "8", "--use_cpu", "--ddp_backend", "gloo", "--output_dir", str(out),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback: no hostname lookup in a closed sandbox
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "world size: 2" in done.stdout + done.stderr
