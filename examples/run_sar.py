@@ -84,7 +84,6 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.utils import is_torchvision_available
 
 from sar_hf import SARCallback, SARTrainer, SARViTConfig, SARViTForImageClassification
 from sar_hf.callbacks import SCHEDULES
@@ -103,6 +102,7 @@ from sar_hf.data import (
     processor_size,
     stratified_split,
     stratified_subset,
+    vit_image_processor_class,
 )
 from sar_hf.metrics import compute_metrics
 from sar_hf.visualization import save_attention_figure
@@ -516,14 +516,7 @@ def build_model(model_args: ModelArguments, sar_args: SARArguments, labels: list
 
 
 def _vit_image_processor(image_size: int):
-    size = {"height": image_size, "width": image_size}
-    if is_torchvision_available():
-        from transformers import ViTImageProcessor
-
-        return ViTImageProcessor(size=size)
-    from transformers import ViTImageProcessorPil  # the same processor without torchvision
-
-    return ViTImageProcessorPil(size=size)
+    return vit_image_processor_class()(size={"height": image_size, "width": image_size})
 
 
 def resolve_checkpoint(model_args: ModelArguments, training_args: TrainingArguments) -> str | None:
@@ -580,10 +573,9 @@ def sar_warmup_epochs(sar_args: SARArguments, training_args: TrainingArguments, 
 def figure_images(split, image_column: str, label_column: str, count: int) -> list:
     """Up to `count` images of `split`, one per class first (in class order), as PIL images."""
     labels = np.asarray(split.with_format("numpy")[label_column])
-    order = []
-    for label in np.unique(labels):
-        order.append(int(np.flatnonzero(labels == label)[0]))
-    order += [i for i in range(len(split)) if i not in set(order)]
+    order = [int(np.flatnonzero(labels == label)[0]) for label in np.unique(labels)]
+    firsts = set(order)
+    order += [i for i in range(len(split)) if i not in firsts]
     return [split[i][image_column] for i in order[:count]]
 
 

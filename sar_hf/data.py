@@ -248,12 +248,25 @@ def load_image_processor(name_or_path: str, **kwargs):
     Some transformers releases (5.9, for one) refuse `AutoImageProcessor` without torchvision,
     which does not install beside every torch build; ViT-family processors load as ViT's.
     """
-    from transformers import AutoImageProcessor, ViTImageProcessor
+    from transformers import AutoImageProcessor
 
     try:
         return AutoImageProcessor.from_pretrained(name_or_path, **kwargs)
     except ImportError:
-        return ViTImageProcessor.from_pretrained(name_or_path, **kwargs)
+        return vit_image_processor_class().from_pretrained(name_or_path, **kwargs)
+
+
+def vit_image_processor_class():
+    """ViT's image processor class for this install: the torchvision one, else the PIL one."""
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        from transformers import ViTImageProcessor
+
+        return ViTImageProcessor
+    from transformers import ViTImageProcessorPil  # the same processor without torchvision
+
+    return ViTImageProcessorPil
 
 
 def processor_size(image_processor) -> tuple[int, int]:

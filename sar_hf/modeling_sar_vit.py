@@ -110,12 +110,17 @@ class SARViTForImageClassification(ViTForImageClassification):
             `(gh, gw)`, the patch grid of these images.
         """
         grid_size = self._grid_size(pixel_values)
+        output, logits = self._forward_capturing(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        return logits, output, grid_size
+
+    def _forward_capturing(self, *args, **kwargs):
+        """`(ViT's output, [CLS] scores [B, heads, gh*gw])` of one forward pass with the hooks on."""
         self._capturing = True
         try:
-            output = super().forward(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+            output = super().forward(*args, **kwargs)
         finally:
             self._capturing = False
-        return self._pop_cls_logits(), output, grid_size
+        return output, self._pop_cls_logits()
 
     def _grid_size(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         if pixel_values is None or pixel_values.dim() != 4:
@@ -150,12 +155,9 @@ class SARViTForImageClassification(ViTForImageClassification):
             return SARImageClassifierOutput(**output)
 
         grid_size = self._grid_size(pixel_values)
-        self._capturing = True
-        try:
-            output = super().forward(pixel_values, labels, interpolate_pos_encoding, attention_mask, **kwargs)
-        finally:
-            self._capturing = False
-        cls_logits = self._pop_cls_logits()
+        output, cls_logits = self._forward_capturing(
+            pixel_values, labels, interpolate_pos_encoding, attention_mask, **kwargs
+        )
 
         weight = self.config.sar_weight if self.scheduled_sar_weight is None else self.scheduled_sar_weight
         regularise = self.training and weight > 0
