@@ -6,7 +6,12 @@ epoch 2 to 0 at the last epoch (4): λ*, λ*·½(1 + cos(π/2)) = λ*/2, 0. Per 
 fractional (step / 4) and the cosine reaches 0 at e = 5.
 """
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,31 +133,27 @@ def test_data_parallel_wrapper_is_unwrapped(model, args):
     assert model.scheduled_sar_weight == pytest.approx(0.05)
 
 
-def test_distributed_data_parallel_is_unwrapped_and_stats_are_reduced(args, tmp_path, monkeypatch):
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback: no hostname lookup in a closed sandbox
-    torch.manual_seed(0)
-    model = SARViTForImageClassification(SARViTConfig(**TINY, sar_weight=PEAK)).train()
-    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
-    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+def test_distributed_data_parallel_is_unwrapped_and_stats_are_reduced(tmp_path):
+    """Two real processes (DDP over gloo): λ reaches the wrapped model and the logs are the ranks' mean."""
+    worker = Path(__file__).with_name("ddp_callback_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}  # loopback: no hostname lookup
+    store, results = tmp_path / "store", [tmp_path / f"rank{rank}.json" for rank in range(2)]
+    ranks = [
+        subprocess.Popen([sys.executable, str(worker), str(rank), "2", str(store), str(results[rank])], env=env)
+        for rank in range(2)
+    ]
     try:
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        callback = SARCallback(warmup_epochs=WARMUP)
-        callback.on_train_begin(args, state_at(8), TrainerControl(), model=ddp)
-        assert model.scheduled_sar_weight == pytest.approx(PEAK)
-        callback.on_step_begin(args, state_at(12), TrainerControl(), model=ddp)
-        assert model.scheduled_sar_weight == pytest.approx(0.05)
-
-        out = ddp(torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 1]))
-        out.loss.backward()
-        state = state_at(13)
-        logs = {"loss": out.loss.item()}
-        state.log_history.append(dict(logs))
-        callback.on_log(args, state, TrainerControl(), logs=logs, model=ddp)
-        assert logs["sar/entropy"] == pytest.approx(out.spatial_entropy.item(), abs=1e-6)
-        assert logs["sar/weight"] == pytest.approx(0.05)
-        assert state.log_history[-1]["sar/entropy"] == logs["sar/entropy"]
+        assert [rank.wait(timeout=180) for rank in ranks] == [0, 0]
     finally:
-        torch.distributed.destroy_process_group()
+        for rank in ranks:
+            rank.kill()
+    rank0, rank1 = (json.loads(path.read_text()) for path in results)
+    assert rank0["scheduled_sar_weight"] == pytest.approx(0.05)  # epoch 3 of 5: half-way down the cosine
+    assert rank0["entropy"] != pytest.approx(rank1["entropy"])
+    for rank in (rank0, rank1):
+        assert rank["logs"]["sar/entropy"] == pytest.approx((rank0["entropy"] + rank1["entropy"]) / 2, abs=1e-6)
+        assert rank["logs"]["sar/weight"] == pytest.approx(0.05)
+        assert rank["last_history_entry"]["sar/entropy"] == rank["logs"]["sar/entropy"]
 
 
 def test_on_log_adds_training_and_evaluation_keys_and_skips_the_summary(model, args):
