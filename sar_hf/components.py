@@ -19,7 +19,9 @@ import torch.nn.functional as F
 _ALGORITHMS = ("auto", "scipy", "propagation")
 
 
-def connected_components(mask: torch.Tensor, connectivity: int = 8, algorithm: str = "auto") -> torch.Tensor:
+def connected_components(
+    mask: torch.Tensor, connectivity: int = 8, algorithm: str = "auto", return_counts: bool = False
+):
     """Label the connected regions of every map in a batch of boolean grids.
 
     Args:
@@ -30,10 +32,13 @@ def connected_components(mask: torch.Tensor, connectivity: int = 8, algorithm: s
         algorithm (`str`, *optional*, defaults to `"auto"`):
             `"scipy"`, `"propagation"`, or `"auto"` (scipy for CPU tensors, propagation
             otherwise). Both give the same labels.
+        return_counts (`bool`, *optional*, defaults to `False`):
+            Also return the number of regions of each map.
 
     Returns:
         `torch.LongTensor` of shape `[..., gh, gw]` on the input's device: 0 for background,
-        regions numbered `1..n` within each map in raster order of their first pixel.
+        regions numbered `1..n` within each map in raster order of their first pixel. With
+        `return_counts=True`, `(labels, counts)` with `counts` of shape `[...]` (int64, `n` per map).
 
     Cost, for M maps of side s (n = s² pixels):
         * scipy: one O(M·n) pass over the stacked maps; the mask is copied to the host and
@@ -56,13 +61,17 @@ def connected_components(mask: torch.Tensor, connectivity: int = 8, algorithm: s
     *lead, gh, gw = mask.shape
     maps = mask.reshape(-1, gh, gw)
     if maps.numel() == 0:
-        return torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
-    labels = _label_scipy(maps, connectivity) if algorithm == "scipy" else _label_propagation(maps, connectivity)
-    return labels.reshape(mask.shape)
+        labels = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
+        counts = torch.zeros(lead, dtype=torch.long, device=mask.device)
+    else:
+        label = _label_scipy if algorithm == "scipy" else _label_propagation
+        labels, counts = label(maps, connectivity)
+    labels, counts = labels.reshape(mask.shape), counts.reshape(lead)
+    return (labels, counts) if return_counts else labels
 
 
-def _label_scipy(maps: torch.Tensor, connectivity: int) -> torch.Tensor:
-    """[M, gh, gw] bool -> [M, gh, gw] int64 via one scipy call on the stacked maps."""
+def _label_scipy(maps: torch.Tensor, connectivity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, gh, gw] bool -> ([M, gh, gw] int64 labels, [M] int64 counts) via one scipy call."""
     m = maps.shape[0]
     # A 3-D structure with empty outer planes joins nothing across maps, so the maps need no
     # copy into a tiled image; the labels come out in raster order over (map, row, column).
@@ -75,11 +84,12 @@ def _label_scipy(maps: torch.Tensor, connectivity: int) -> torch.Tensor:
     last = torch.cummax(labels.reshape(m, -1).amax(dim=1), dim=0).values
     offset = torch.cat([last.new_zeros(1), last[:-1]])
     # The background goes negative and is clamped back to 0; regions land on 1..n_i.
-    return labels.sub_(offset.reshape(m, 1, 1)).clamp_(min=0).to(maps.device)
+    labels = labels.sub_(offset.reshape(m, 1, 1)).clamp_(min=0)
+    return labels.to(maps.device), (last - offset).to(maps.device)
 
 
-def _label_propagation(maps: torch.Tensor, connectivity: int) -> torch.Tensor:
-    """[M, gh, gw] bool -> [M, gh, gw] int64 with label propagation, on the maps' device."""
+def _label_propagation(maps: torch.Tensor, connectivity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, gh, gw] bool -> ([M, gh, gw] int64 labels, [M] int64 counts), on the maps' device."""
     m, gh, gw = maps.shape
     n = gh * gw
     fg = maps.reshape(m, n)
@@ -114,7 +124,7 @@ def _label_propagation(maps: torch.Tensor, connectivity: int) -> torch.Tensor:
     is_root = fg & (parent == local)
     rank = torch.cumsum(is_root, dim=1)
     labels = torch.gather(rank, 1, parent)
-    return torch.where(fg, labels, 0).reshape(m, gh, gw)
+    return torch.where(fg, labels, 0).reshape(m, gh, gw), rank[:, -1]
 
 
 def _shift(value: torch.Tensor, dy: int, dx: int) -> torch.Tensor:

@@ -211,8 +211,10 @@ def masks(draw):
 @settings(deadline=None, max_examples=60)
 @given(mask=masks(), connectivity=st.sampled_from(CONNECTIVITIES), algorithm=st.sampled_from(ALGORITHMS))
 def test_property_matches_scipy(mask, connectivity, algorithm):
-    labels = connected_components(torch.from_numpy(mask), connectivity, algorithm=algorithm)
+    labels, counts = connected_components(torch.from_numpy(mask), connectivity, algorithm, return_counts=True)
     assert_same_partition(labels, mask, connectivity)
+    expected = reference_labels(mask, connectivity).max(axis=(-2, -1))  # scipy's region count per map
+    np.testing.assert_array_equal(counts.numpy(), expected)
 
 
 @settings(deadline=None, max_examples=40)
@@ -239,10 +241,10 @@ def test_property_eight_connectivity_coarsens_four(mask):
 def test_shape_dtype_device_preserved(algorithm):
     for shape in [(3, 4, 5, 6), (7, 5, 6), (5, 6), (0, 5, 6), (2, 0, 4, 4)]:
         mask = torch.rand(shape) > 0.5
-        labels = connected_components(mask, algorithm=algorithm)
-        assert labels.shape == mask.shape
-        assert labels.dtype == torch.int64
-        assert labels.device == mask.device
+        labels, counts = connected_components(mask, algorithm=algorithm, return_counts=True)
+        assert labels.shape == mask.shape and counts.shape == mask.shape[:-2]
+        assert labels.dtype == counts.dtype == torch.int64
+        assert labels.device == counts.device == mask.device
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
