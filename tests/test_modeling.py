@@ -313,12 +313,13 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(no_skip):
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_bf16_autocast_on_cpu_gives_a_finite_float32_entropy():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_on_cpu_gives_a_finite_float32_entropy(dtype):
     model = make_model(sar_weight=0.5).train()
     pixel_values, labels = batch()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = model(pixel_values, labels=labels)
-    assert out.logits.dtype == torch.bfloat16  # autocast did run
+    assert out.logits.dtype == dtype  # autocast did run
     assert out.spatial_entropy.dtype == torch.float32
     assert torch.isfinite(out.spatial_entropy) and out.spatial_entropy.item() > 0
     assert torch.isfinite(out.loss)

@@ -217,6 +217,36 @@ def test_sar_weight_zero_is_the_baseline(tmp_path):
 
 
 @pytest.mark.slow
+def test_bf16_mixed_precision(tmp_path, monkeypatch):
+    """Accelerate's autocast reaches the SAR scores; the loss and the saved weights stay float32.
+
+    (`--fp16` needs a GPU: on a CPU, Accelerate runs it in float32.)
+    """
+    import torch
+
+    import sar_hf.modeling_sar_vit as modeling
+
+    seen = []
+
+    def recording_spatial_entropy(cls_logits, *args, **kwargs):
+        seen.append(str(cls_logits.dtype))
+        result = sar_hf.spatial_entropy(cls_logits, *args, **kwargs)
+        assert result[0].dtype == torch.float32
+        return result
+
+    monkeypatch.setattr(modeling, "spatial_entropy", recording_spatial_entropy)
+    results, out = _run(tmp_path, "--bf16", "--use_cpu", "--save_strategy", "no")
+    assert seen and set(seen) == {"torch.bfloat16"}
+    train_logs = [entry for entry in _state(out)["log_history"] if "loss" in entry]
+    assert train_logs and all(np.isfinite(entry["sar/entropy"]) for entry in train_logs)
+    assert np.isfinite(results["eval_accuracy"])
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as saved:
+        assert {saved.get_tensor(name).dtype for name in saved.keys()} == {torch.float32}
+
+
+@pytest.mark.slow
 def test_image_folder_run(tmp_path):
     train = _image_folder(tmp_path / "train")
     validation = _image_folder(tmp_path / "validation", per_class=2)
