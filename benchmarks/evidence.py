@@ -60,7 +60,7 @@ def parse_args(argv=None):
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--max_steps", type=int, default=300, help="Optimizer steps of every run (same budget).")
+    parser.add_argument("--max_steps", type=int, default=150, help="Optimizer steps of every run (same budget).")
     parser.add_argument("--picture_seed", type=int, default=0, help="Seed whose smallest-fraction models are kept.")
     parser.add_argument("--output", default="benchmarks/results/evidence")
     return parser.parse_args(argv)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command. Sets up .venv if needed and runs the whole suite on the CPU against the
-# newest transformers release; then, in .venv-min, the fast tests against the oldest release
+# newest transformers release; then, in .venv-min, the whole suite again against the oldest release
 # that pyproject.toml admits. Arguments, if any, go to pytest and skip the second run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,5 +11,5 @@ if [ $# -eq 0 ]; then
     oldest="$(.venv/bin/python -c 'import re, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print(next(re.search(r">=([\d.]+)", d)[1] for d in deps if d.startswith("transformers")))')"
     echo "== transformers==$oldest (the oldest supported release)"
     scripts/bootstrap.sh .venv-min "transformers==$oldest"
-    .venv-min/bin/python -m pytest -m "not slow"
+    .venv-min/bin/python -m pytest
 fi
