@@ -247,6 +247,38 @@ def test_bf16_mixed_precision(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_push_to_hub_uploads_the_model_and_its_card(tmp_path, monkeypatch):
+    """`--push_to_hub` against a stand-in Hub: the repo is created and the output folder uploaded."""
+    import types
+
+    import huggingface_hub
+    import transformers.trainer
+
+    calls = {"create_repo": [], "upload_folder": []}
+
+    def create_repo(*args, **kwargs):
+        repo_id = kwargs.get("repo_id") or next(a for a in args if isinstance(a, str))
+        calls["create_repo"].append(repo_id)
+        return types.SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(*args, **kwargs):
+        folder = pathlib.Path(kwargs["folder_path"])
+        card = (folder / "README.md").read_text()
+        calls["upload_folder"].append((kwargs["repo_id"], sorted(p.name for p in folder.iterdir()), card))
+
+    # Recent Transformers call HfApi methods; 5.9 imports huggingface_hub's module-level functions.
+    for owner in (huggingface_hub.HfApi, transformers.trainer):
+        monkeypatch.setattr(owner, "create_repo", create_repo, raising=False)
+        monkeypatch.setattr(owner, "upload_folder", upload_folder, raising=False)
+    _run(tmp_path, "--push_to_hub", "--hub_model_id", "someone/sar-digits", "--save_strategy", "no")
+    assert calls["create_repo"] == ["someone/sar-digits"]
+    (repo_id, files, card), *_ = calls["upload_folder"]
+    assert repo_id == "someone/sar-digits"
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} <= set(files)
+    assert "spatial-entropy" in card and "peak λ (`sar_weight`): 0.01" in card
+
+
+@pytest.mark.slow
 def test_image_folder_run(tmp_path):
     train = _image_folder(tmp_path / "train")
     validation = _image_folder(tmp_path / "validation", per_class=2)
