@@ -48,6 +48,8 @@ class SARViTConfig(ViTConfig):
     sar_no_skip_no_norm: bool = False
 
     def __post_init__(self, **kwargs):
+        # A plain `vit` config read into this class brings its own `model_type`; the class's wins.
+        kwargs.pop("model_type", None)
         unknown = sorted(key for key in kwargs if key.startswith("sar_"))
         super().__post_init__(**kwargs)
         if unknown:

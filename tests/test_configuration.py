@@ -102,7 +102,7 @@ def test_plain_vit_config_loads_as_sar_config_with_the_settings(tmp_path):
     ViTConfig(**TINY).save_pretrained(tmp_path)
     config = SARViTConfig.from_pretrained(tmp_path, sar_weight=0.05, sar_layer=0)
     assert (config.sar_weight, config.sar_layer, config.sar_no_skip_no_norm) == (0.05, 0, False)
-    assert config.hidden_size == TINY["hidden_size"]
+    assert config.hidden_size == TINY["hidden_size"] and config.model_type == "sar-vit"
     # Saved again, it is a SAR checkpoint.
     config.save_pretrained(tmp_path / "sar")
     assert json.loads((tmp_path / "sar" / "config.json").read_text())["model_type"] == "sar-vit"
