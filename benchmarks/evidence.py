@@ -189,6 +189,11 @@ def report(runs: list[dict], args, seconds: float) -> None:
         "the test maps (lower = fewer, more compact regions). Jaccard: attention map thresholded to keep "
         f"{MASS_KEPT:.0%} of its mass against the digit's ink, averaged over heads and images.",
         "",
+        "Variants: `baseline` is plain ViT (λ = 0); `sar-0.01` and `sar-0.1` add the spatial entropy with peak "
+        "λ = 0.01 (the paper's) or 0.1 under the paper's warm-up and cosine schedule; `sar-0.01-noskip` is "
+        "`sar-0.01` with the authors' last block without the attention residual and the pre-MLP LayerNorm "
+        "(`--sar_no_skip_no_norm`).",
+        "",
         "The budget is fixed in optimizer steps, so larger fractions get fewer passes over their data and are "
         "under-trained at this budget: compare variants within a row, not rows with each other (the README's "
         "full default run, 30 epochs, reaches about 0.98 test accuracy).",
