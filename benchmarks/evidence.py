@@ -79,6 +79,7 @@ def train_one(fraction: float, seed: int, variant: str, max_steps: int, output_d
         "--report_to", "none",
         "--attention_figure_images", "0",
         "--disable_tqdm", "true",
+        "--dataloader_pin_memory", str(torch.cuda.is_available()),
         *VARIANTS[variant],
     ]  # fmt: skip
     start = time.perf_counter()
