@@ -21,7 +21,7 @@ _ALGORITHMS = ("auto", "scipy", "propagation")
 
 def connected_components(
     mask: torch.Tensor, connectivity: int = 8, algorithm: str = "auto", return_counts: bool = False
-):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Label the connected regions of every map in a batch of boolean grids.
 
     Args:
@@ -59,13 +59,12 @@ def connected_components(
         algorithm = "scipy" if mask.device.type == "cpu" else "propagation"
 
     *lead, gh, gw = mask.shape
-    maps = mask.reshape(-1, gh, gw)
-    if maps.numel() == 0:
+    if mask.numel() == 0:  # no maps, or maps without pixels
         labels = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
         counts = torch.zeros(lead, dtype=torch.long, device=mask.device)
     else:
         label = _label_scipy if algorithm == "scipy" else _label_propagation
-        labels, counts = label(maps, connectivity)
+        labels, counts = label(mask.reshape(-1, gh, gw), connectivity)
     labels, counts = labels.reshape(mask.shape), counts.reshape(lead)
     return (labels, counts) if return_counts else labels
 

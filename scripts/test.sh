@@ -5,11 +5,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+run_tests() {  # VENV [PYTEST_ARGUMENT ...]
+    # A run takes a few minutes. A hung test (whose stacks setup.cfg's faulthandler_timeout
+    # prints) ends it after 30, so that CI fails well within its limit instead of reaching it.
+    local venv="$1"
+    shift
+    timeout --kill-after 30 1800 "$venv/bin/python" -m pytest "$@"
+}
+
 scripts/bootstrap.sh .venv
-.venv/bin/python -m pytest "$@"
+run_tests .venv "$@"
 if [ $# -eq 0 ]; then
     oldest="$(.venv/bin/python -c 'import re, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print(next(re.search(r">=([\d.]+)", d)[1] for d in deps if d.startswith("transformers")))')"
     echo "== transformers==$oldest (the oldest supported release)"
     scripts/bootstrap.sh .venv-min "transformers==$oldest"
-    .venv-min/bin/python -m pytest
+    run_tests .venv-min
 fi

@@ -1,10 +1,12 @@
 """One rank of `test_callbacks.test_distributed_data_parallel_*`: DDP over gloo, then a log.
 
-Run as `python ddp_callback_worker.py RANK WORLD_SIZE STORE_FILE RESULT_FILE`. Each rank trains one
-step on its own images, so the ranks' entropies differ; it writes its own entropy and what the
-callback logged as JSON.
+Run as `python ddp_callback_worker.py RANK WORLD_SIZE STORE_FILE RESULT_FILE SETTINGS_JSON`, the
+settings being the callback's `sar_weight` and `warmup_epochs` and the training state's `step`,
+`max_steps` and `epochs`. Each rank trains one step on its own images, so the ranks' entropies
+differ; it writes its own entropy and what the callback logged as JSON.
 """
 
+import datetime
 import json
 import os
 import sys
@@ -16,17 +18,20 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 from sar_hf import SARCallback, SARViTConfig, SARViTForImageClassification
 
 
-def main(rank: int, world_size: int, store_file: str, result_file: str):
+def main(rank: int, world_size: int, store_file: str, result_file: str, settings: dict):
     store = torch.distributed.FileStore(store_file, world_size)
-    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    # A short timeout: a rank whose peer died fails in a minute instead of gloo's default 30.
+    timeout = datetime.timedelta(seconds=60)
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
     torch.manual_seed(0)  # the same weights on every rank, as DDP expects
-    model = SARViTForImageClassification(SARViTConfig(**TINY, sar_weight=0.1)).train()
+    model = SARViTForImageClassification(SARViTConfig(**TINY, sar_weight=settings["sar_weight"])).train()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     args = TrainingArguments(output_dir=os.path.dirname(result_file), report_to="none", use_cpu=True)
     state = TrainerState()
-    state.global_step, state.max_steps, state.num_train_epochs = 12, 20, 5
+    state.global_step, state.max_steps = settings["step"], settings["max_steps"]
+    state.num_train_epochs = settings["epochs"]
 
-    callback = SARCallback(warmup_epochs=2)
+    callback = SARCallback(warmup_epochs=settings["warmup_epochs"])
     callback.on_train_begin(args, state, TrainerControl(), model=ddp)
     callback.on_step_begin(args, state, TrainerControl(), model=ddp)
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(rank))
@@ -50,4 +55,4 @@ def main(rank: int, world_size: int, store_file: str, result_file: str):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], json.loads(sys.argv[5]))

@@ -239,7 +239,7 @@ def test_property_eight_connectivity_coarsens_four(mask):
 
 @pytest.mark.parametrize("algorithm", ("auto", *ALGORITHMS))
 def test_shape_dtype_device_preserved(algorithm):
-    for shape in [(3, 4, 5, 6), (7, 5, 6), (5, 6), (0, 5, 6), (2, 0, 4, 4)]:
+    for shape in [(3, 4, 5, 6), (7, 5, 6), (5, 6), (0, 5, 6), (2, 0, 4, 4), (3, 0, 5), (0, 5), (2, 5, 0)]:
         mask = torch.rand(shape) > 0.5
         labels, counts = connected_components(mask, algorithm=algorithm, return_counts=True)
         assert labels.shape == mask.shape and counts.shape == mask.shape[:-2]

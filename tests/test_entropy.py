@@ -110,6 +110,16 @@ def test_score_equal_to_mean_is_not_in_the_mask():
     assert spatial_entropy(s.double(), (5, 1)).item() == pytest.approx(math.log(2), rel=1e-12)
 
 
+def test_scores_close_to_their_mean_keep_the_eps_of_step_4():
+    # float32 scores 0.25 + k * 2^-20 with sum(k) = 0: the mean is exactly 0.25 and every s - m
+    # is exact, so only the handling of the 1e-9 of step 4 can move the result (by ~1e-4 here,
+    # if it were rounded away). Regions: the corner (k = 8) and the bottom row's 3 pixels (k = 1).
+    k = torch.tensor([8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 1, 1], dtype=torch.float32)
+    scores = (0.25 + k * 2.0**-20).reshape(1, 1, 16)
+    got = spatial_entropy(scores, (4, 4))
+    assert_matches_reference(got.reshape(1, 1), reference(scores, (4, 4)), rtol=1e-6)
+
+
 def test_grid_orientation_is_row_major():
     # Two equal peaks: separate regions (entropy log 2) or one region (0), by grid layout.
     apart_then_joined = torch.tensor([[[5.0, 0.0, 5.0, 0.0, 0.0, 0.0]]])  # (0,0)+(0,2) | (0,0)+(1,0)
