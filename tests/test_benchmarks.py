@@ -45,8 +45,9 @@ def test_bench_step_reports_time_and_memory_ratios(tmp_path):
 @pytest.mark.slow
 def test_evidence_study_and_report(tmp_path):
     out = tmp_path / "evidence"
-    evidence.main(["--seeds", "0", "--fractions", "0.1", "--max_steps", "2", "--variants", "baseline", "sar-0.01",
-                   "--output", str(out)])  # fmt: skip
+    study = ["--seeds", "0", "--fractions", "0.1", "--max_steps", "2", "--variants", "baseline", "sar-0.01",
+             "--output", str(out)]  # fmt: skip
+    evidence.main(study)
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     assert sorted(run["variant"] for run in runs) == ["baseline", "sar-0.01"]
     for run in runs:
@@ -55,6 +56,5 @@ def test_evidence_study_and_report(tmp_path):
     assert "| train fraction | baseline | sar-0.01 |" in report
     assert (out / "evidence.png").is_file() and (out / "attention_maps.png").is_file()
     # A second invocation finds every run done and only rebuilds the report.
-    evidence.main(["--seeds", "0", "--fractions", "0.1", "--max_steps", "2", "--variants", "baseline", "sar-0.01",
-                   "--output", str(out)])  # fmt: skip
+    evidence.main(study)
     assert len((out / "runs.jsonl").read_text().splitlines()) == 2

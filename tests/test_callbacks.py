@@ -144,7 +144,7 @@ def test_distributed_data_parallel_is_unwrapped_and_stats_are_reduced(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}  # loopback: no hostname lookup
     settings = {"sar_weight": PEAK, "warmup_epochs": WARMUP, "step": 12, "max_steps": MAX_STEPS, "epochs": EPOCHS}
     store, results = tmp_path / "store", [tmp_path / f"rank{rank}.json" for rank in range(2)]
-    ranks = [
+    processes = [
         subprocess.Popen(
             [sys.executable, str(worker), str(rank), "2", str(store), str(results[rank]), json.dumps(settings)],
             env=env,
@@ -153,14 +153,14 @@ def test_distributed_data_parallel_is_unwrapped_and_stats_are_reduced(tmp_path):
     ]
     deadline = time.monotonic() + 180
     try:  # until both finish, or one fails (its peer would wait for it)
-        while any(rank.poll() is None for rank in ranks) and all(rank.poll() in (None, 0) for rank in ranks):
+        while any(p.poll() is None for p in processes) and all(p.poll() in (None, 0) for p in processes):
             assert time.monotonic() < deadline, "the two ranks did not finish within 180 s"
             time.sleep(0.2)
     finally:
-        for rank in ranks:
-            rank.kill()
-            rank.wait()
-    assert [rank.returncode for rank in ranks] == [0, 0]
+        for process in processes:
+            process.kill()
+            process.wait()
+    assert [process.returncode for process in processes] == [0, 0]
 
     rank0, rank1 = (json.loads(path.read_text()) for path in results)
     assert rank0["entropy"] != pytest.approx(rank1["entropy"])
