@@ -59,10 +59,20 @@ class SARViTConfig(ViTConfig):
             )
         self.check_sar_settings()
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """[`PreTrainedConfig.from_dict`], then the SAR checks. Transformers sets the overrides given to
+        `from_pretrained` (of this class, of `AutoConfig` and of the models) after `__post_init__`, so
+        they are checked here, once all of them are set."""
+        loaded = super().from_dict(config_dict, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded  # `return_unused_kwargs=True`
+        config.check_sar_settings()
+        return loaded
+
     # Not a `validate_*` method: `@strict` would wrap its ValueError in its own error type.
     def check_sar_settings(self):
         """Raises a ValueError for an impossible `sar_weight` or `sar_layer`. The model calls it again,
-        since `from_pretrained(..., sar_layer=...)` sets the values after `__post_init__`."""
+        since a setting may also be changed on a config object after it was made."""
         if isinstance(self.sar_weight, bool) or not math.isfinite(self.sar_weight) or self.sar_weight < 0:
             raise ValueError(f"`sar_weight` must be a finite number >= 0, got {self.sar_weight!r}.")
         layers = self.num_hidden_layers

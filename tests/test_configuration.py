@@ -8,7 +8,7 @@ from tiny import TINY
 from transformers import AutoConfig, ViTConfig
 
 import sar_hf
-from sar_hf import SARViTConfig
+from sar_hf import SARViTConfig, SARViTForImageClassification
 
 
 def test_defaults_are_the_papers_and_the_rest_is_vit():
@@ -87,15 +87,39 @@ def test_import_registers_the_auto_classes():
     assert type(model) is sar_hf.SARViTForImageClassification
 
 
-def test_from_pretrained_overrides_are_checked_by_check_sar_settings(tmp_path):
+LOADERS = {"SARViTConfig": SARViTConfig.from_pretrained, "AutoConfig": AutoConfig.from_pretrained}
+
+
+@pytest.mark.parametrize("load", LOADERS.values(), ids=LOADERS.keys())
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"sar_weight": -1, "sar_layer": 7}, "`sar_weight` must be a finite number >= 0, got -1"),
+        ({"sar_weight": math.nan}, "`sar_weight` must be a finite number >= 0, got nan"),
+        ({"sar_weight": math.inf}, "`sar_weight` must be a finite number >= 0, got inf"),
+        ({"sar_layer": 7}, r"`sar_layer` must index one of the 2 layers .* got 7"),
+        ({"sar_layer": -3}, r"`sar_layer` must index one of the 2 layers .* got -3"),
+    ],
+    ids=["weight-and-layer", "nan-weight", "inf-weight", "layer-7", "layer-minus-3"],
+)
+def test_from_pretrained_overrides_are_value_errors_like_the_models(tmp_path, load, override, message):
+    """Overrides are set after `__post_init__`; the config still refuses them, with the model's error."""
     SARViTConfig(**TINY).save_pretrained(tmp_path)
-    assert SARViTConfig.from_pretrained(tmp_path, sar_weight=0.2).sar_weight == 0.2
-    # Transformers sets `from_pretrained` overrides after `__post_init__`, so they are not checked
-    # there; `check_sar_settings` (which the model calls) catches them.
-    for override in ({"sar_weight": -1.0}, {"sar_layer": 5}):
-        config = SARViTConfig.from_pretrained(tmp_path, **override)
-        with pytest.raises(ValueError, match=next(iter(override))):
-            config.check_sar_settings()
+    with pytest.raises(ValueError, match=message):
+        load(tmp_path, **override)
+    with pytest.raises(ValueError, match=message):
+        SARViTForImageClassification.from_pretrained(tmp_path, **override)
+
+
+@pytest.mark.parametrize("load", LOADERS.values(), ids=LOADERS.keys())
+def test_from_pretrained_overrides_are_checked_together(tmp_path, load):
+    """Valid overrides pass, and a layer index is checked against an overridden number of layers."""
+    SARViTConfig(**TINY).save_pretrained(tmp_path)
+    assert load(tmp_path, sar_weight=0.2).sar_weight == 0.2
+    config = load(tmp_path, num_hidden_layers=8, sar_layer=7)
+    assert (config.num_hidden_layers, config.sar_layer_index) == (8, 7)
+    config, unused = load(tmp_path, sar_layer=1, return_unused_kwargs=True, not_a_setting=1)
+    assert config.sar_layer == 1 and unused == {"not_a_setting": 1}
 
 
 def test_plain_vit_config_loads_as_sar_config_with_the_settings(tmp_path):
