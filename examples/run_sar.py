@@ -87,6 +87,7 @@ from transformers import (
 
 from sar_hf import SARCallback, SARTrainer, SARViTConfig, SARViTForImageClassification
 from sar_hf.callbacks import SCHEDULES
+from sar_hf.checkpoints import is_complete_checkpoint, last_complete_checkpoint
 from sar_hf.data import (
     ImageTransform,
     check_classes,
@@ -94,8 +95,6 @@ from sar_hf.data import (
     check_image_folder,
     collate_fn,
     drop_bad_images,
-    is_complete_checkpoint,
-    last_complete_checkpoint,
     load_digits_dataset,
     load_image_processor,
     prepare_labels,

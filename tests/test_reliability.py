@@ -19,7 +19,7 @@ import torch
 from tiny import TINY
 
 import sar_hf
-from sar_hf.data import last_complete_checkpoint
+from sar_hf.checkpoints import last_complete_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
