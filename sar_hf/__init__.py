@@ -7,6 +7,7 @@ Importing the package registers `SARViTConfig` ("sar-vit") with the Auto classes
 from transformers import AutoConfig, AutoModelForImageClassification
 
 from .callbacks import SARCallback
+from .capture import CLSScoreCapture
 from .components import connected_components
 from .configuration_sar_vit import SARViTConfig
 from .entropy import spatial_entropy
@@ -19,6 +20,7 @@ AutoConfig.register(SARViTConfig.model_type, SARViTConfig, exist_ok=True)
 AutoModelForImageClassification.register(SARViTConfig, SARViTForImageClassification, exist_ok=True)
 
 __all__ = [
+    "CLSScoreCapture",
     "SARCallback",
     "SARImageClassifierOutput",
     "SARStats",

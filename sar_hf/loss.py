@@ -1,129 +1,163 @@
-"""The SAR loss for any Transformers image classifier that returns its attention maps."""
+"""The SAR term λ·spatial_entropy for any ViT-family classifier, added wherever the cross-entropy is."""
 
 import math
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
+from transformers.utils import logging
 
+from .capture import CLSScoreCapture
 from .entropy import spatial_entropy
 from .stats import SARStats
+
+logger = logging.get_logger(__name__)
 
 
 class SpatialEntropyLoss:
     r"""
-    `cross_entropy + sar_weight * spatial_entropy` as a `Trainer(compute_loss_func=...)`, for ViT,
-    DeiT, BEiT, DINOv2 and other classifiers with a [CLS] token.
+    The spatial-entropy regulariser of one model: `cross_entropy + sar_weight * spatial_entropy`.
 
-    It reads the [CLS] row of one layer's attention probabilities from `outputs.attentions`; their
-    log gives the same loss as the pre-softmax scores (the loss ignores a per-row shift). That
-    needs eager attention, which materialises every N×N map and is markedly slower than SDPA (see
-    `benchmarks/results/`): for ViT checkpoints prefer [`SARViTForImageClassification`], which
-    keeps the fast kernel. Attention dropout must be 0 for the maps to equal the scores.
+    It captures the pre-softmax [CLS]-to-patch scores of one layer where the attention kernel
+    consumes q and k ([`CLSScoreCapture`]), so the model keeps its default attention (SDPA, flash)
+    in every layer. Building it attaches it to the model as `model.sar_loss`; from then on the
+    term is added to the loss wherever the cross-entropy is computed:
+
+    * by the model itself, when it is called with `labels` (a forward hook adds the term to
+      `outputs.loss`, as [`SARViTForImageClassification`] does in its forward);
+    * by this object, used as `Trainer(compute_loss_func=...)`;
+    * by Trainer's label smoother or any other `compute_loss_func` (soft targets such as mixup),
+      through [`SARTrainer`].
+
+    Each forward pass's scores are used once, so the term is never added twice; [`SARTrainer`] and
+    [`SARCallback`] raise an error when a training step ends without it.
 
     Args:
         model ([`PreTrainedModel`]):
-            The classifier, loaded with `attn_implementation="eager"` and `output_attentions=True`.
+            A ViT, DeiT, DINOv2 (with or without registers), BEiT, ViT-MSN or CLIP image classifier,
+            as loaded by default, or a PEFT model wrapping one.
         sar_weight (`float`, *optional*, defaults to 0.01):
-            λ; [`SARCallback`] schedules it during training.
+            λ, the paper's value; [`SARCallback`] schedules it during training. `None` reads the
+            model's `config.sar_weight` at every step (as [`SARViTForImageClassification`] does).
         sar_layer (`int`, *optional*, defaults to -1):
             Which layer's attention is regularised (negative counts from the end).
-        grid_size (`tuple[int, int]`, *optional*):
-            The patch grid `(gh, gw)`; inferred from the config (or a square token count) if omitted.
 
     Example:
 
     ```python
-    >>> model = AutoModelForImageClassification.from_pretrained(
-    ...     "facebook/deit-small-patch16-224", attn_implementation="eager", output_attentions=True
-    ... )
-    >>> loss_fn = SpatialEntropyLoss(model)
-    >>> trainer = Trainer(model, args, compute_loss_func=loss_fn, callbacks=[SARCallback(loss_fn=loss_fn)], ...)
+    >>> model = AutoModelForImageClassification.from_pretrained("facebook/deit-small-patch16-224")
+    >>> SpatialEntropyLoss(model, sar_weight=0.01)
+    >>> trainer = SARTrainer(model=model, args=args, train_dataset=train)  # adds λ·SE to Trainer's loss
     ```
     """
 
-    def __init__(self, model, sar_weight: float = 0.01, sar_layer: int = -1, grid_size=None):
-        config = model.config
-        name = type(model).__name__
-        if getattr(config, "window_size", None) is not None or not hasattr(config, "num_attention_heads"):
-            raise ValueError(
-                f"{name} has no global attention from a [CLS] token to a patch grid (windowed or convolutional "
-                "models such as Swin or ConvNeXt), so its spatial entropy is undefined. Use a ViT-family model."
-            )
-        if config._attn_implementation != "eager" or not config.output_attentions:
-            raise ValueError(
-                f"{name} must return its attention maps: load it with "
-                '`from_pretrained(..., attn_implementation="eager", output_attentions=True)` (it runs '
-                f"{config._attn_implementation!r} attention with output_attentions={config.output_attentions}). "
-                "For ViT, SARViTForImageClassification keeps the fast kernel instead."
-            )
-        if not math.isfinite(sar_weight) or sar_weight < 0:
+    def __init__(self, model, sar_weight: float | None = 0.01, sar_layer: int = -1):
+        target = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+        bad = sar_weight is not None and (
+            isinstance(sar_weight, bool) or not math.isfinite(sar_weight) or sar_weight < 0
+        )
+        if bad:
             raise ValueError(f"`sar_weight` must be a finite number >= 0, got {sar_weight!r}.")
-        layers = config.num_hidden_layers
-        if not -layers <= sar_layer < layers:
-            raise ValueError(f"`sar_layer` must index one of the {layers} layers, got {sar_layer}.")
-        self.sar_weight = sar_weight
-        self.scheduled_sar_weight: float | None = None  # λ of the current step, set by SARCallback
+        if sar_weight is None and not hasattr(target.config, "sar_weight"):
+            raise ValueError(f"`sar_weight=None` reads `config.sar_weight`, which {type(target).__name__} lacks.")
+        self.capture = CLSScoreCapture(target, sar_layer)
         self.sar_layer = sar_layer
-        self.grid_size = grid_size
-        self.config = config
-        # Tokens before the patches: [CLS], DeiT's distillation token, DINOv2's registers.
-        has_distillation = any(n.endswith("distillation_token") for n, _ in model.named_parameters())
-        self.num_prefix_tokens = 1 + int(has_distillation) + (getattr(config, "num_register_tokens", 0) or 0)
+        self._sar_weight = sar_weight
+        self._config = target.config
+        self.scheduled_sar_weight: float | None = None  # λ of the current step, set by SARCallback
         self.sar_stats = SARStats()
-        self._model = model
+        target.sar_loss = self
+        target.register_forward_hook(self._add_to_model_loss, with_kwargs=True)
+
+    @property
+    def sar_weight(self) -> float:
+        """The configured (peak) λ."""
+        return self._config.sar_weight if self._sar_weight is None else self._sar_weight
+
+    @sar_weight.setter
+    def sar_weight(self, value: float):
+        self._sar_weight = value
+
+    def penalty(self, labels=None, num_items_in_batch=None, ce_loss=None):
+        """λ·SE of the forward pass just run, scaled like a loss normalised by `num_items_in_batch`.
+
+        Pops the captured scores (so a second call for the same pass returns None) and records the
+        SAR terms for [`SARCallback`]. The term is 0 outside training or with λ = 0.
+
+        Args:
+            labels (`torch.Tensor`, *optional*): this batch's labels; with `num_items_in_batch` they
+                give the batch's share of the accumulated batch, counted as Trainer counts them
+                (every element that is not -100).
+            num_items_in_batch (`int` or `torch.Tensor`, *optional*): Trainer's item count of the
+                whole accumulated batch, when the loss is normalised by it.
+            ce_loss (`torch.Tensor`, *optional*): the loss the term is added to, for the logs.
+
+        Returns:
+            `(penalty, entropy, skipped)`: the 0-dim term to add, the mean spatial entropy (nats) and
+            the number of maps left out for non-finite scores; or None if no scores are pending.
+        """
+        captured = self.capture.pop()
+        if captured is None:
+            return None
+        weight = self.sar_weight if self.scheduled_sar_weight is None else self.scheduled_sar_weight
+        applied = captured.training and weight > 0
+        if applied and torch.is_grad_enabled() and not captured.scores.requires_grad:
+            logger.warning_once(
+                "The [CLS] scores have no gradient, so the spatial entropy cannot train the model; reentrant "
+                "gradient checkpointing does this: use `gradient_checkpointing_kwargs={'use_reentrant': False}`."
+            )
+        with torch.set_grad_enabled(applied and torch.is_grad_enabled()):
+            entropy, skipped = spatial_entropy(captured.scores, captured.grid_size, return_skipped=True)
+        share = 1.0
+        if num_items_in_batch is not None and labels is not None:
+            share = labels.ne(-100).sum().to(entropy.device) / num_items_in_batch
+        self.sar_stats.update(captured.training, entropy, None if ce_loss is None else ce_loss / share, skipped)
+        penalty = weight * entropy * share if applied else entropy.new_zeros(())
+        return penalty, entropy, skipped
 
     def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-        """The training loss for one batch; also records the SAR terms for [`SARCallback`]."""
-        attentions = outputs.get("attentions")
-        if not attentions:
-            raise ValueError(
-                "The model returned no attention maps; call it with `output_attentions=True` under eager attention "
-                '(`from_pretrained(..., attn_implementation="eager", output_attentions=True)`).'
-            )
-        cls_logits, grid_size = self.cls_logits(attentions[self.sar_layer])
+        """`cross_entropy + λ·SE` for one batch, as a `Trainer(compute_loss_func=...)`.
+
+        Args:
+            outputs: the model's output (with `logits` `[B, classes]`).
+            labels (`torch.Tensor`): class indices `[B]` (-100 is ignored) or soft targets `[B, classes]`.
+            num_items_in_batch (*optional*): Trainer's item count of the accumulated batch; the
+                cross-entropy is then normalised by it, as Trainer expects.
+        """
         logits = outputs["logits"]
-        reduction = "sum" if num_items_in_batch is not None else "mean"
-        ce_loss = F.cross_entropy(logits, labels.to(logits.device), reduction=reduction)
-        share = 1.0
-        if num_items_in_batch is not None:  # normalised over the whole accumulated batch, as Trainer expects
-            ce_loss = ce_loss / num_items_in_batch
-            share = labels.shape[0] / num_items_in_batch
-        training = self._model.training
-        weight = self.sar_weight if self.scheduled_sar_weight is None else self.scheduled_sar_weight
-        with torch.set_grad_enabled(training and weight > 0 and torch.is_grad_enabled()):
-            entropy, skipped = spatial_entropy(cls_logits, grid_size, return_skipped=True)
-        self.sar_stats.update(training, entropy, ce_loss / share, skipped)
-        if not training or weight == 0:
-            return ce_loss
-        return ce_loss + weight * entropy * share
-
-    def cls_logits(self, attention: torch.Tensor):
-        """[B, heads, N, N] attention probabilities -> ([B, heads, gh*gw] log-probabilities, (gh, gw))."""
-        if attention.dim() != 4 or attention.shape[-1] != attention.shape[-2]:
-            raise ValueError(
-                f"Expected attention maps [batch, heads, tokens, tokens], got {tuple(attention.shape)}: the model "
-                "has no [CLS]-to-patch-grid attention."
+        labels = labels.to(logits.device)
+        if num_items_in_batch is None:
+            ce_loss = F.cross_entropy(logits, labels)
+        else:  # Trainer counts every element of soft targets: `classes` per image
+            items = num_items_in_batch / (logits.shape[-1] if labels.is_floating_point() else 1)
+            ce_loss = F.cross_entropy(logits, labels, reduction="sum") / items
+        term = self.penalty(labels, num_items_in_batch, ce_loss)
+        if term is None:
+            raise RuntimeError(
+                "No [CLS] scores were captured for these outputs: build SpatialEntropyLoss with the model that "
+                "produced them."
             )
-        patches = attention[:, :, 0, self.num_prefix_tokens :]
-        grid_size = self.grid_size or _infer_grid(self.config, patches.shape[-1])
-        tiny = torch.finfo(patches.dtype).tiny  # a probability that underflowed to 0 stays finite
-        return torch.log(patches.float().clamp(min=tiny)), grid_size
+        return ce_loss + term[0]
+
+    def _add_to_model_loss(self, model, args, kwargs, output):
+        """Forward hook: adds the term to the loss that the model computed from `labels`."""
+        labels = kwargs.get("labels")
+        loss = output[0] if isinstance(output, tuple) else getattr(output, "loss", None)
+        if labels is None or loss is None:  # inference, or Trainer kept the labels for its own loss
+            return None
+        term = self.penalty(labels, kwargs.get("num_items_in_batch"), loss)
+        if term is None:  # the model added the term itself
+            return None
+        if isinstance(output, tuple):
+            return (loss + term[0], *output[1:])
+        output["loss"] = loss + term[0]
+        return output
 
 
-def _infer_grid(config, num_patches: int) -> tuple[int, int]:
-    image, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
-    if image is not None and patch is not None:
-        ih, iw = (image, image) if isinstance(image, int) else image
-        ph, pw = (patch, patch) if isinstance(patch, int) else patch
-        if (ih // ph) * (iw // pw) == num_patches:
-            return ih // ph, iw // pw
-    side = math.isqrt(num_patches)
-    if side * side == num_patches:
-        return side, side
-    raise ValueError(
-        f"Cannot tell the patch grid of {num_patches} patch tokens; "
-        "pass `grid_size=(rows, cols)` to SpatialEntropyLoss."
-    )
+def find_sar_loss(model) -> SpatialEntropyLoss | None:
+    """The [`SpatialEntropyLoss`] attached to `model`, through DDP, FSDP, `torch.compile` and PEFT."""
+    # PEFT models forward attribute lookups to the model they wrap.
+    return getattr(extract_model_from_parallel(model), "sar_loss", None)
 
 
-__all__ = ["SpatialEntropyLoss"]
+__all__ = ["SpatialEntropyLoss", "find_sar_loss"]

@@ -1,6 +1,7 @@
-"""A Trainer that carries a SARCallback where every reporting integration sees its logs."""
+"""A Trainer that adds the SAR term to whatever loss it computes, and logs it where integrations see it."""
 
 import copy
+import functools
 import os
 
 from transformers import Trainer
@@ -8,6 +9,7 @@ from transformers.utils import logging
 
 from .callbacks import SARCallback
 from .configuration_sar_vit import PAPER_URL
+from .loss import find_sar_loss
 
 logger = logging.get_logger(__name__)
 
@@ -16,7 +18,18 @@ _WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
 class SARTrainer(Trainer):
-    """[`Trainer`] with a [`SARCallback`] placed first among the callbacks.
+    """[`Trainer`] that adds λ·spatial_entropy to whatever loss it computes, with a [`SARCallback`] first.
+
+    The model carries its SAR loss: a [`SARViTForImageClassification`], or any ViT-family classifier
+    passed to `SpatialEntropyLoss(model)` first. Trainer computes the loss in one of three places,
+    and the term is added in each, with the same normalisation as the loss it joins:
+
+    * the model, when it gets the labels (it adds the term itself);
+    * the label smoother (`label_smoothing_factor > 0`) or a `compute_loss_func` (soft targets such
+      as mixup, a custom loss): Trainer calls the model without labels, and this class wraps them
+      so that they add the term.
+
+    A training step whose loss still lacks the term raises an error instead of training without it.
 
     Callbacks see `logs` in order, and the reporting integrations (TensorBoard, W&B, ...) come
     before user callbacks; placing the SAR callback first lets them all record the `sar/*` values.
@@ -32,12 +45,43 @@ class SARTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.model is not None and find_sar_loss(self.model) is None:
+            raise ValueError(
+                f"SARTrainer needs a model with a SAR loss: a SARViTForImageClassification, or a model passed to "
+                f"`SpatialEntropyLoss(model)` first; got {type(self.model).__name__}."
+            )
         handler = self.callback_handler
         sar = next((cb for cb in handler.callbacks if isinstance(cb, SARCallback)), None) or SARCallback()
         if sar in handler.callbacks:
             handler.callbacks.remove(sar)
         handler.callbacks.insert(0, sar)
+        sar.trainer_adds_term = True
         self.sar_callback = sar
+        if self.compute_loss_func is not None:
+            self.compute_loss_func = self._adding_sar_term(self.compute_loss_func)
+        if self.label_smoother is not None:
+            self.label_smoother = self._adding_sar_term(self.label_smoother)
+
+    def _adding_sar_term(self, loss_fn):
+        """`loss_fn(outputs, labels, ...)` plus the term of the forward pass that gave `outputs`."""
+
+        @functools.wraps(loss_fn)
+        def loss_with_sar_term(outputs, labels, *args, **kwargs):
+            loss = loss_fn(outputs, labels, *args, **kwargs)
+            # None when `loss_fn` (e.g. SpatialEntropyLoss itself) has already added it.
+            term = find_sar_loss(self.model).penalty(labels, kwargs.get("num_items_in_batch"), loss)
+            return loss if term is None else loss + term[0]
+
+        return loss_with_sar_term
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training and find_sar_loss(model).capture.pending:
+            raise RuntimeError(
+                "The loss of this batch was computed without the SAR term: the model got no labels and no wrapped "
+                "loss used its scores (a `compute_loss` override?). Add `model.sar_loss.penalty(...)` to it."
+            )
+        return (loss, outputs) if return_outputs else loss
 
     def _load_weights(self, folder: str, model=None) -> bool:
         """Loads a checkpoint's weights into the model, strictly; False if Trainer should do it."""

@@ -12,10 +12,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from .capture import CLSScoreCapture
 from .components import connected_components
 from .entropy import spatial_entropy
-from .loss import SpatialEntropyLoss
-from .modeling_sar_vit import SARViTForImageClassification
 
 CELL_INCHES = 2.0  # each panel is a CELL_INCHES square ...
 DPI = 100  # ... of CELL_INCHES * DPI = 200 pixels, so the PNG is 200·columns × 200·rows pixels
@@ -27,12 +26,10 @@ if TYPE_CHECKING:
 def cls_attention(model: PreTrainedModel, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """Pre-softmax [CLS]-to-patch scores of one layer of a ViT-family classifier, in eval mode.
 
-    A [`SARViTForImageClassification`] gives the scores of its regularised layer through its fast
-    path. Any other classifier (ViT, DeiT, BEiT, DINOv2, ...) runs once with eager attention and
-    `output_attentions=True` (switched on for the call if it runs SDPA or flash, then switched back)
-    and gives the log of the [CLS] row of its last layer's attention probabilities (a SAR config's
-    `sar_layer` if it has one): the same scores up to a per-row constant, which changes neither the
-    softmax, the mask nor the entropy.
+    The scores come from the model's SAR capture ([`CLSScoreCapture`]): its `sar_loss`'s layer if
+    it has one (a [`SARViTForImageClassification`], or a model given to [`SpatialEntropyLoss`]),
+    else the last layer, through a capture attached for this call only. The model keeps its
+    attention implementation.
 
     Args:
         model ([`PreTrainedModel`]): the classifier; its training flag is restored afterwards.
@@ -42,38 +39,19 @@ def cls_attention(model: PreTrainedModel, pixel_values: torch.Tensor) -> tuple[t
         `(scores, (gh, gw))`: float32 scores `[B, heads, gh*gw]` in raster order of the patch grid
         of `gh` rows and `gw` columns, without gradient.
     """
+    sar_loss = getattr(model, "sar_loss", None)
+    capture = sar_loss.capture if sar_loss is not None else CLSScoreCapture(model)
     training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            pixel_values = pixel_values.to(model.device)
-            if isinstance(model, SARViTForImageClassification):
-                scores, _, grid_size = model.cls_attention_logits(pixel_values)
-                return scores.float(), grid_size
-            return _eager_cls_attention(model, pixel_values)
+            model(pixel_values.to(model.device))
+        scores, grid_size, _ = capture.pop()
+        return scores.float(), grid_size
     finally:
         model.train(training)
-
-
-def _eager_cls_attention(model, pixel_values):
-    config = model.config
-    implementation, output_attentions = config._attn_implementation, config.output_attentions
-    if implementation != "eager":
-        model.set_attn_implementation("eager")  # only warns when the model cannot switch
-        if config._attn_implementation != "eager":
-            raise ValueError(
-                f"{type(model).__name__} runs {implementation!r} attention and cannot switch to eager attention, "
-                'which returns the attention maps; load it with `attn_implementation="eager"`.'
-            )
-    try:
-        config.output_attentions = True  # SpatialEntropyLoss checks it; only settable under eager
-        loss = SpatialEntropyLoss(model, sar_layer=getattr(config, "sar_layer", -1))
-        attentions = model(pixel_values, output_attentions=True).attentions
-        return loss.cls_logits(attentions[loss.sar_layer])
-    finally:
-        config.output_attentions = output_attentions
-        if implementation != "eager":
-            model.set_attn_implementation(implementation)
+        if sar_loss is None:
+            capture.remove()
 
 
 def save_attention_figure(

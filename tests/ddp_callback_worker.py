@@ -31,7 +31,7 @@ def main(rank: int, world_size: int, store_file: str, result_file: str, settings
     state.global_step, state.max_steps = settings["step"], settings["max_steps"]
     state.num_train_epochs = settings["epochs"]
 
-    callback = SARCallback(warmup_epochs=settings["warmup_epochs"])
+    callback = SARCallback(warmup_epochs=settings["warmup_epochs"], granularity="epoch")
     callback.on_train_begin(args, state, TrainerControl(), model=ddp)
     callback.on_step_begin(args, state, TrainerControl(), model=ddp)
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(rank))
@@ -42,7 +42,7 @@ def main(rank: int, world_size: int, store_file: str, result_file: str, settings
     callback.on_log(args, state, TrainerControl(), logs=logs, model=ddp)
     result = {
         "entropy": out.spatial_entropy.item(),
-        "scheduled_sar_weight": model.scheduled_sar_weight,
+        "scheduled_sar_weight": model.sar_loss.scheduled_sar_weight,
         "logs": logs,
         "last_history_entry": state.log_history[-1],
     }

@@ -56,7 +56,7 @@ def state_at(step: int, max_steps: int = MAX_STEPS, epochs: float = EPOCHS) -> T
 
 @pytest.mark.parametrize("step", range(MAX_STEPS))
 def test_warmup_cosine_per_epoch(step):
-    callback = SARCallback(sar_weight=PEAK, warmup_epochs=WARMUP)
+    callback = SARCallback(sar_weight=PEAK, warmup_epochs=WARMUP, granularity="epoch")
     assert callback.weight_at(step, MAX_STEPS, EPOCHS) == pytest.approx(PER_EPOCH[step], abs=1e-12)
 
 
@@ -67,7 +67,7 @@ def test_warmup_cosine_per_step(step):
 
 
 def test_without_warmup_the_cosine_starts_at_the_peak():
-    callback = SARCallback(sar_weight=1.0, warmup_epochs=0)
+    callback = SARCallback(sar_weight=1.0, warmup_epochs=0, granularity="epoch")
     # 4 epochs, 2 steps each: cosine over epochs 0..3.
     weights = [callback.weight_at(step, 8, 4) for step in range(0, 8, 2)]
     assert weights == pytest.approx([1.0, 0.75, 0.25, 0.0], abs=1e-12)
@@ -95,20 +95,20 @@ def test_step_begin_writes_the_schedule_onto_the_model(model, args, granularity,
     callback = SARCallback(sar_weight=PEAK, warmup_epochs=WARMUP, granularity=granularity)
     for step in (0, 6, 8, 14):
         callback.on_step_begin(args, state_at(step), TrainerControl(), model=model)
-        assert model.scheduled_sar_weight == pytest.approx(expected[step], abs=1e-12)
-        assert callback.current_weight == model.scheduled_sar_weight
+        assert model.sar_loss.scheduled_sar_weight == pytest.approx(expected[step], abs=1e-12)
+        assert callback.current_weight == model.sar_loss.scheduled_sar_weight
         assert model.config.sar_weight == PEAK  # the configured value, which checkpoints save, stays
 
 
 def test_peak_defaults_to_the_models_weight_at_train_begin(args):
     torch.manual_seed(0)
     model = SARViTForImageClassification(SARViTConfig(**TINY, sar_weight=0.4))
-    callback = SARCallback(warmup_epochs=WARMUP)
+    callback = SARCallback(warmup_epochs=WARMUP, granularity="epoch")
     callback.on_train_begin(args, state_at(4), TrainerControl(), model=model)
     assert callback.sar_weight == 0.4
-    assert model.scheduled_sar_weight == pytest.approx(0.2)  # epoch 1 of a 2-epoch warm-up
+    assert model.sar_loss.scheduled_sar_weight == pytest.approx(0.2)  # epoch 1 of a 2-epoch warm-up
     callback.on_train_end(args, state_at(4), TrainerControl(), model=model)
-    assert model.scheduled_sar_weight is None and model.config.sar_weight == 0.4
+    assert model.sar_loss.scheduled_sar_weight is None and model.config.sar_weight == 0.4
 
 
 class LossLike:
@@ -121,7 +121,7 @@ class LossLike:
 def test_loss_fn_receives_the_weight_instead_of_the_model(model, args):
     loss_fn = LossLike()
     before = model.config.sar_weight
-    callback = SARCallback(warmup_epochs=WARMUP, loss_fn=loss_fn)
+    callback = SARCallback(warmup_epochs=WARMUP, granularity="epoch", loss_fn=loss_fn)
     callback.on_train_begin(args, state_at(4), TrainerControl(), model=model)
     assert callback.sar_weight == 0.6 and loss_fn.scheduled_sar_weight == pytest.approx(0.3)
     assert model.config.sar_weight == before
@@ -129,9 +129,9 @@ def test_loss_fn_receives_the_weight_instead_of_the_model(model, args):
 
 def test_data_parallel_wrapper_is_unwrapped(model, args):
     wrapped = torch.nn.DataParallel(model)  # on the CPU it only holds `.module`
-    callback = SARCallback(sar_weight=PEAK, warmup_epochs=WARMUP)
+    callback = SARCallback(sar_weight=PEAK, warmup_epochs=WARMUP, granularity="epoch")
     callback.on_step_begin(args, state_at(4), TrainerControl(), model=wrapped)
-    assert model.scheduled_sar_weight == pytest.approx(0.05)
+    assert model.sar_loss.scheduled_sar_weight == pytest.approx(0.05)
 
 
 def test_distributed_data_parallel_is_unwrapped_and_stats_are_reduced(tmp_path):
@@ -174,11 +174,11 @@ def test_distributed_data_parallel_is_unwrapped_and_stats_are_reduced(tmp_path):
 def test_on_log_adds_training_and_evaluation_keys_and_skips_the_summary(model, args):
     callback = SARCallback(sar_weight=PEAK, schedule="constant")
     callback.on_step_begin(args, state_at(0), TrainerControl(), model=model)
-    model.sar_stats.pop(training=True), model.sar_stats.pop(training=False)
+    model.sar_loss.sar_stats.pop(training=True), model.sar_loss.sar_stats.pop(training=False)
     entropy, ce, skipped = torch.tensor(0.5), torch.tensor(1.5), torch.tensor(2)
-    model.sar_stats.update(True, entropy, ce, skipped)
-    model.sar_stats.update(True, entropy * 3, ce * 3, skipped * 0)
-    model.sar_stats.update(False, entropy, None, skipped * 0)
+    model.sar_loss.sar_stats.update(True, entropy, ce, skipped)
+    model.sar_loss.sar_stats.update(True, entropy * 3, ce * 3, skipped * 0)
+    model.sar_loss.sar_stats.update(False, entropy, None, skipped * 0)
 
     state = state_at(1)
     logs = {"loss": 2.0, "learning_rate": 1e-3}
@@ -203,7 +203,7 @@ def test_on_log_adds_training_and_evaluation_keys_and_skips_the_summary(model, a
     ("kwargs", "match"),
     [
         ({"schedule": "linear"}, "`schedule` must be one of"),
-        ({"granularity": "batch"}, "`granularity` must be 'epoch' or 'step'"),
+        ({"granularity": "batch"}, "`granularity` must be one of"),
         ({"warmup_epochs": -1}, "`warmup_epochs` must be >= 0"),
         ({"sar_weight": -0.1}, "`sar_weight` must be a finite number >= 0"),
         ({"sar_weight": math.nan}, "`sar_weight` must be a finite number >= 0"),
@@ -219,5 +219,52 @@ def test_a_model_without_sar_and_no_loss_fn_is_a_value_error(args):
     from transformers import ViTConfig, ViTForImageClassification
 
     plain = ViTForImageClassification(ViTConfig(**TINY))
-    with pytest.raises(ValueError, match="needs a SARViTForImageClassification or `loss_fn="):
+    with pytest.raises(ValueError, match=r"needs a model with a SAR loss.*SpatialEntropyLoss\(model\)"):
         SARCallback().on_train_begin(args, state_at(0), TrainerControl(), model=plain)
+
+
+# -- the default schedule applies the term in runs of any length ---------------------------------
+
+
+@pytest.mark.parametrize(("epochs", "steps_per_epoch"), [(1, 50), (2, 30), (3, 20), (100, 4)])
+def test_the_default_schedule_applies_the_term_on_most_steps(epochs, steps_per_epoch):
+    callback = SARCallback(sar_weight=PEAK)
+    max_steps = epochs * steps_per_epoch
+    weights = [callback.weight_at(step, max_steps, epochs) for step in range(max_steps)]
+    assert sum(w > 0 for w in weights) >= 0.9 * max_steps
+    assert max(weights) == pytest.approx(PEAK, rel=0.05)  # the warm-up reaches the peak
+    assert callback.granularity_for(epochs) == ("epoch" if epochs >= 10 else "step")
+
+
+def test_settings_that_zero_most_steps_are_warned_about(model, args, caplog):
+    # λ per epoch in a 1-epoch fine-tune: the warm-up's first epoch is the whole run, λ = 0 throughout.
+    one_epoch = state_at(0, max_steps=20, epochs=1)
+    with caplog.at_level("WARNING"):
+        SARCallback(sar_weight=PEAK, granularity="epoch").on_train_begin(
+            args, one_epoch, TrainerControl(), model=model
+        )
+    assert "leaves λ at 0 on 20 of the 20 steps" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        SARCallback(sar_weight=PEAK).on_train_begin(args, one_epoch, TrainerControl(), model=model)
+    assert "leaves λ at 0" not in caplog.text
+
+
+# -- the term is never dropped silently ----------------------------------------------------------
+
+
+def test_plain_trainer_with_label_smoothing_is_refused_naming_sar_trainer(model, tmp_path):
+    smoothing = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, label_smoothing_factor=0.1)
+    with pytest.raises(ValueError, match="Use `sar_hf.SARTrainer`"):
+        SARCallback().on_train_begin(smoothing, state_at(0), TrainerControl(), model=model)
+
+
+def test_a_step_that_ended_without_the_term_is_an_error(args):
+    torch.manual_seed(0)
+    model = SARViTForImageClassification(SARViTConfig(**TINY)).train()
+    callback = SARCallback(sar_weight=PEAK)
+    model(torch.randn(2, 3, 16, 16))  # what Trainer does when it keeps the labels: no term added
+    with pytest.raises(RuntimeError, match="without the SAR term"):
+        callback.on_step_end(args, state_at(1), TrainerControl(), model=model)
+    model(torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 1]))  # the model adds it
+    callback.on_step_end(args, state_at(2), TrainerControl(), model=model)

@@ -100,7 +100,8 @@ def test_captured_scores_are_the_pre_softmax_scores(sar_layer):
     model = make_model(sar_layer=sar_layer).eval()
     pixel_values, _ = batch()
     with torch.no_grad():
-        scores, _, grid = model.cls_attention_logits(pixel_values)
+        model(pixel_values)
+        scores, grid, _ = model.sar_loss.capture.pop()
         reference = hand_cls_scores(model, pixel_values, sar_layer)
     assert grid == GRID
     torch.testing.assert_close(scores, reference, rtol=1e-5, atol=1e-5)
@@ -178,14 +179,14 @@ def test_num_items_in_batch_scales_both_terms_like_trainer_expects():
     model = make_model(sar_weight=0.3).train()
     pixel_values, labels = batch()
     plain_out = model(pixel_values, labels=labels)
-    model.sar_stats.pop(training=True)
+    model.sar_loss.sar_stats.pop(training=True)
     num_items = torch.tensor(10)
     out = model(pixel_values, labels=labels, num_items_in_batch=num_items)
     ce_sum = F.cross_entropy(out.logits, labels, reduction="sum")
     expected = ce_sum / 10 + 0.3 * plain_out.spatial_entropy * BATCH / 10
     torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-6)
     # The logged cross-entropy is still the batch mean.
-    logged = model.sar_stats.pop(training=True)
+    logged = model.sar_loss.sar_stats.pop(training=True)
     assert logged["ce_loss"] == pytest.approx(plain_out.ce_loss.item(), abs=1e-5)
     assert logged["entropy"] == pytest.approx(plain_out.spatial_entropy.item(), abs=1e-6)
 
@@ -194,13 +195,14 @@ def test_without_labels_no_sar_fields_and_the_same_logits():
     model = make_model().train()
     pixel_values, labels = batch()
     with_labels = model(pixel_values, labels=labels)
-    model.sar_stats.pop(training=True)
+    model.sar_loss.sar_stats.pop(training=True)
     out = model(pixel_values)
     assert out.loss is None and out.ce_loss is None and out.spatial_entropy is None and out.skipped_maps is None
     assert torch.equal(out.logits, with_labels.logits)
     assert torch.equal(out.logits, plain_twin(model)(pixel_values).logits)
-    assert model.sar_stats.pop(training=True) is None  # no SAR work was done
-    assert model._cls_query is None and model._patch_keys is None  # nothing captured either
+    assert model.sar_loss.sar_stats.pop(training=True) is None  # no SAR work was done
+    # The scores stay captured (views of q and k) for a Trainer that computes the loss itself.
+    assert model.sar_loss.capture.pending
 
 
 # -- the attention kernel ----------------------------------------------------------------------
@@ -236,7 +238,8 @@ def test_non_square_images_use_the_grid_of_the_input():
     pixel_values, labels = batch(height=16, width=24)
     out = model(pixel_values, labels=labels, interpolate_pos_encoding=True)
     with torch.no_grad():
-        scores, _, grid = model.cls_attention_logits(pixel_values, interpolate_pos_encoding=True)
+        model(pixel_values, interpolate_pos_encoding=True)
+        scores, grid, _ = model.sar_loss.capture.pop()
     assert grid == (4, 6) and scores.shape == (BATCH, TINY["num_attention_heads"], 24)
     log_probs = eager_cls_log_probs(model, pixel_values, interpolate_pos_encoding=True)
     torch.testing.assert_close(out.spatial_entropy, spatial_entropy(log_probs, (4, 6)), rtol=0, atol=1e-5)

@@ -224,7 +224,7 @@ def test_bf16_mixed_precision(tmp_path, monkeypatch):
     """
     import torch
 
-    import sar_hf.modeling_sar_vit as modeling
+    import sar_hf.loss as modeling
 
     seen = []
 

@@ -7,7 +7,7 @@ import torch
 from tiny import TINY, TinyImages
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-import sar_hf.modeling_sar_vit
+import sar_hf.loss
 from sar_hf import SARCallback, SARTrainer, SARViTConfig, SARViTForImageClassification
 
 SAR_KEYS = ("sar/entropy", "sar/ce_loss", "sar/weight", "sar/skipped_maps")
@@ -40,7 +40,7 @@ def record_weights(model) -> list[tuple[float, dict]]:
     """Records (the scheduled λ, forward kwargs) at every forward pass of `model`."""
     seen = []
     model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append((module.scheduled_sar_weight, kwargs)), with_kwargs=True
+        lambda module, args, kwargs: seen.append((module.sar_loss.scheduled_sar_weight, kwargs)), with_kwargs=True
     )
     return seen
 
@@ -197,7 +197,7 @@ def test_resume_from_checkpoint_continues_the_lambda_sequence(tmp_path):
 
 
 def test_non_finite_scores_are_skipped_and_training_stays_finite(tmp_path, monkeypatch):
-    real = sar_hf.modeling_sar_vit.spatial_entropy
+    real = sar_hf.loss.spatial_entropy
     calls = []
 
     def poisoned(cls_logits, grid_size, **kwargs):
@@ -208,7 +208,7 @@ def test_non_finite_scores_are_skipped_and_training_stays_finite(tmp_path, monke
             cls_logits[1, 2, 0] = math.nan
         return real(cls_logits, grid_size, **kwargs)
 
-    monkeypatch.setattr(sar_hf.modeling_sar_vit, "spatial_entropy", poisoned)
+    monkeypatch.setattr(sar_hf.loss, "spatial_entropy", poisoned)
     model = make_model()
     args = make_args(tmp_path, num_train_epochs=2)
     trainer = SARTrainer(

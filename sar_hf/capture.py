@@ -1,0 +1,284 @@
+"""One capture of the pre-softmax [CLS]-to-patch scores, taken where attention consumes q and k.
+
+Transformers' ViT-family classifiers (ViT, DeiT, DINOv2 with or without registers, BEiT, ViT-MSN,
+CLIP's image classifier) look their attention kernel up in the registry `ALL_ATTENTION_FUNCTIONS`
+by `config._attn_implementation` and call it with the attention module itself, q and k of shape
+`[B, heads, N, d]` (after any adapter such as LoRA, and any rotary embedding) and an additive mask
+that carries relative position biases (BEiT). The capture wraps the registered kernel once, under
+its own name, so that the masking utilities and flash kernels, which look implementations up by
+name, see nothing new. The wrapper records *views* of q's [CLS] row, k and the mask when the
+calling module is the one a capture marked, then runs the kernel untouched: every layer keeps
+SDPA (or flash, or flex), and nothing N×N is built for the loss. The scores are formed after the
+forward pass, outside the layer, so gradient checkpointing replays the layer exactly.
+
+Under eager attention no kernel is looked up (each model calls its own `eager_attention_forward`);
+the capture then reads the [CLS] row of the attention probabilities that the marked module
+returns, N×N maps that eager attention builds anyway. Their log equals the scores up to a
+per-row constant, which changes neither the mask nor the entropy.
+"""
+
+import functools
+from typing import NamedTuple
+
+import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+_MARK = "_sar_capture"  # the attribute that marks the captured attention module
+
+
+class CapturedScores(NamedTuple):
+    """The [CLS] scores of one forward pass: `scores` `[B, heads, gh*gw]`, `grid_size` `(gh, gw)`,
+    and whether the model was in training mode."""
+
+    scores: torch.Tensor
+    grid_size: tuple[int, int]
+    training: bool
+
+
+class CLSScoreCapture:
+    r"""
+    Captures the pre-softmax scores `q_cls · k_j · scaling + mask_cls,j` of the [CLS] query against
+    the patch keys of one attention layer, at every forward pass of `model`.
+
+    Tokens that come before the patch grid (DeiT's distillation token, DINOv2's registers) are
+    left out: the patches are the last `gh*gw` tokens, with `(gh, gw)` read from each batch's
+    image size and the patch size.
+
+    Args:
+        model ([`PreTrainedModel`]):
+            A ViT-family image classifier (or a PEFT model wrapping one).
+        layer (`int`, *optional*, defaults to -1):
+            The encoder layer whose attention is captured; negative counts from the end.
+
+    Raises:
+        `ValueError` for models whose attention has no [CLS] row over a patch grid (no [CLS]
+        token: IJEPA, SigLIP; windowed: Swin; shuffled patches: ViT-MAE; no attention: ConvNeXt),
+        for models whose attention does not go through the registry (Data2VecVision), and for a
+        `layer` out of range.
+
+    Example:
+
+    ```python
+    >>> capture = CLSScoreCapture(model)
+    >>> logits = model(pixel_values).logits
+    >>> scores, grid_size, training = capture.pop()  # [B, heads, gh*gw], (gh, gw)
+    ```
+    """
+
+    def __init__(self, model, layer: int = -1):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+        config = getattr(base.config, "vision_config", base.config)  # CLIP keeps its vision settings apart
+        self.module = _attention_modules(base, config)[_layer_index(layer, config.num_hidden_layers)]
+        if getattr(self.module, _MARK, None) is not None:
+            raise ValueError(
+                f"Layer {layer} of {type(base).__name__} is already captured (e.g. by its `sar_loss`); reuse that "
+                "capture instead of building a second one."
+            )
+        patch = config.patch_size
+        self.patch_size = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        self._state = "idle"  # idle -> running (forward) -> pending (scores to pop) -> idle
+        self._recorded = None
+        self._grid_size = None
+        self._training = False
+        setattr(self.module, _MARK, self)
+        self._handles = [
+            base.register_forward_pre_hook(self._begin, with_kwargs=True),
+            base.register_forward_hook(self._end, always_call=True),
+            self.module.register_forward_hook(self._record_probabilities),
+        ]
+        if _uses_eager(self.module):
+            logger.warning_once(
+                f"{type(base).__name__} runs eager attention, so SAR reads the [CLS] row of its N×N attention "
+                "probabilities; load it with the default (SDPA) attention to keep the fast kernel in every layer."
+            )
+
+    @property
+    def pending(self) -> bool:
+        """True between the end of a forward pass and the `pop` of its scores."""
+        return self._state == "pending"
+
+    def pop(self) -> CapturedScores | None:
+        """The scores of the current or last forward pass, once; None if there is none left to pop.
+
+        Inside the model's forward (after the layer ran) it pops the scores of that pass, as
+        [`SARViTForImageClassification`] does; afterwards, those of the pass that just ended.
+
+        Returns:
+            [`CapturedScores`]: `scores` `[B, heads, gh*gw]` in the dtype attention ran in (a view
+            of the layer's own q and k, with their gradient), `grid_size`, `training`.
+        """
+        if self._state == "idle":
+            return None
+        self._state, recorded, self._recorded = "idle", self._recorded, None
+        if recorded is None:
+            raise RuntimeError(
+                f"{type(self.module).__name__} ran without passing through the attention-function registry, so "
+                f"no [CLS] scores were captured (attention implementation "
+                f"{self.module.config._attn_implementation!r}). Register custom kernels with "
+                "`AttentionInterface.register` before the forward pass."
+            )
+        gh, gw = self._grid_size
+        scores = _cls_scores(*recorded, num_patches=gh * gw)
+        return CapturedScores(scores, (gh, gw), self._training)
+
+    def remove(self):
+        """Detaches the capture from the model."""
+        for handle in self._handles:
+            handle.remove()
+        if getattr(self.module, _MARK, None) is self:
+            delattr(self.module, _MARK)
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def _begin(self, model, args, kwargs):
+        pixel_values = kwargs.get("pixel_values", args[0] if args else None)
+        self._grid_size = self._grid_of(pixel_values)
+        self._training = model.training
+        self._recorded = None
+        self._state = "running"
+        if not _uses_eager(self.module):
+            _wrap_kernel(self.module.config._attn_implementation)
+
+    def _end(self, model, args, output):
+        if self._state == "running":
+            self._state = "pending"
+
+    def record(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float | None):
+        """Called by the wrapped kernel with the marked module's q, k `[B, heads, N, d]` and mask."""
+        # Only during the model's own forward pass: gradient checkpointing runs the layer again in
+        # backward, and that replay must not replace what the loss already used.
+        if self._state == "running":
+            scaling = query.shape[-1] ** -0.5 if scaling is None else scaling  # SDPA's default
+            self._recorded = ("scores", query[:, :, :1], key, mask, scaling)
+
+    def _record_probabilities(self, module, args, output):
+        probabilities = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if self._state != "running" or self._recorded is not None or probabilities is None:
+            return
+        dropout = getattr(module, "attention_dropout", getattr(module, "dropout", 0.0))
+        if module.training and isinstance(dropout, float) and dropout > 0:
+            raise ValueError(
+                f"Under eager attention SAR reads the attention probabilities, which attention dropout "
+                f"({dropout}) changes in training; use the default (SDPA) attention, or set the attention "
+                "dropout to 0."
+            )
+        self._recorded = ("probabilities", probabilities)
+
+    def _grid_of(self, pixel_values) -> tuple[int, int]:
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            shape = getattr(pixel_values, "shape", None)
+            raise ValueError(
+                f"SAR needs `pixel_values` of shape [batch, channels, height, width] to find the patch grid, "
+                f"got {None if shape is None else tuple(shape)}."
+            )
+        (height, width), (ph, pw) = pixel_values.shape[-2:], self.patch_size
+        if height % ph or width % pw:
+            raise ValueError(
+                f"Images of {height}x{width} pixels do not tile into {ph}x{pw} patches; resize them to a "
+                f"multiple of the patch size (e.g. {height // ph * ph or ph}x{width // pw * pw or pw})."
+            )
+        return height // ph, width // pw
+
+
+def _cls_scores(kind: str, *recorded, num_patches: int) -> torch.Tensor:
+    """What a marked layer recorded -> pre-softmax [CLS]-to-patch scores `[B, heads, num_patches]`."""
+    if kind == "probabilities":
+        (probabilities,) = recorded
+        _check_tokens(probabilities.shape[-1], num_patches)
+        row = probabilities[:, :, 0, -num_patches:]
+        # A probability that underflowed to 0 stays finite (and below the mean).
+        return torch.log(row.float().clamp(min=torch.finfo(row.dtype).tiny))
+    query, key, mask, scaling = recorded
+    _check_tokens(key.shape[-2], num_patches)
+    if key.shape[1] != query.shape[1]:  # grouped keys: each serves several query heads
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    # Only the [CLS] row: B·heads·n·d multiply-adds. A product and a sum (not an einsum or a matmul,
+    # which would save contiguous copies) keep only views of q and k for backward.
+    scores = (query * key[:, :, -num_patches:]).sum(-1) * scaling  # [B, h, 1, d] * [B, h, n, d] -> [B, h, n]
+    if mask is not None:
+        row = mask[..., 0, -num_patches:]
+        if row.dtype == torch.bool:  # True = attend
+            row = torch.zeros_like(row, dtype=scores.dtype).masked_fill(~row, float("-inf"))
+        scores = scores + row
+    return scores
+
+
+def _check_tokens(tokens: int, num_patches: int):
+    if tokens <= num_patches:
+        raise ValueError(
+            f"The attention sees {tokens} tokens, but the images have {num_patches} patches plus a [CLS] token; "
+            "the model's tokens do not match the patch grid of its `patch_size`."
+        )
+
+
+def _capturing(kernel):
+    """`kernel` that first hands the marked module's q, k and mask to its capture."""
+
+    @functools.wraps(kernel)
+    def attention(module, query, key, value, *args, **kwargs):
+        capture = getattr(module, _MARK, None)
+        if capture is not None:
+            mask = args[0] if args else kwargs.get("attention_mask")
+            capture.record(query, key, mask, kwargs.get("scaling"))
+        return kernel(module, query, key, value, *args, **kwargs)
+
+    attention.sar_wraps = kernel
+    return attention
+
+
+def _wrap_kernel(name: str):
+    """Wraps the kernel registered as `name`, once (again if someone registers a new one)."""
+    kernel = ALL_ATTENTION_FUNCTIONS.get(name)
+    if kernel is not None and not hasattr(kernel, "sar_wraps"):
+        AttentionInterface.register(name, _capturing(kernel))
+
+
+def _uses_eager(module) -> bool:
+    return module.config._attn_implementation in (None, "eager")
+
+
+def _layer_index(layer: int, layers: int) -> int:
+    if isinstance(layer, bool) or not -layers <= layer < layers:
+        raise ValueError(
+            f"`sar_layer` must index one of the {layers} layers (-{layers}..{layers - 1}), got {layer!r}."
+        )
+    return layer % layers
+
+
+def _attention_modules(model, config) -> list:
+    """The modules that call the attention registry, in layer order; ValueError with the reason if
+    the model has no [CLS]-to-patch-grid attention that the capture can see."""
+    name = type(model).__name__
+    if not hasattr(config, "num_attention_heads"):
+        raise ValueError(f"{name} has no attention (a convolutional model?), so its spatial entropy is undefined.")
+    if getattr(config, "window_size", None) is not None:
+        raise ValueError(
+            f"{name} attends within windows (as Swin does): there is no global attention from a [CLS] token to "
+            "the patch grid, so its spatial entropy is undefined."
+        )
+    if getattr(config, "mask_ratio", None) is not None:
+        raise ValueError(
+            f"{name} shuffles its patches and drops most of them (ViT-MAE's random masking), so its tokens do not "
+            "lie on the patch grid."
+        )
+    if not any(n.rsplit(".", 1)[-1] in ("cls_token", "class_embedding") for n, _ in model.named_parameters()):
+        raise ValueError(
+            f"{name} has no [CLS] token (as IJEPA and SigLIP pool their patches instead), so there is no [CLS] "
+            "attention to regularise."
+        )
+    # Every attention module that the registry kernels serve declares `is_causal` (SDPA reads it).
+    modules = [m for m in model.modules() if getattr(m, "is_causal", None) is False and hasattr(m, "config")]
+    if len(modules) != config.num_hidden_layers:
+        raise ValueError(
+            f"{name}'s attention layers do not call Transformers' attention-function registry (found {len(modules)} "
+            f"such modules for {config.num_hidden_layers} layers; Data2VecVision, for one, picks its own SDPA or "
+            "eager class), so SAR cannot take their [CLS] scores. Use a ViT, DeiT, DINOv2, BEiT, ViT-MSN or CLIP "
+            "classifier."
+        )
+    return modules
+
+
+__all__ = ["CLSScoreCapture", "CapturedScores"]
