@@ -1,228 +1,131 @@
-"""`SpatialEntropyLoss`, the generic path: any classifier with eager attention maps.
+"""`SpatialEntropyLoss`: the term on top of each cross-entropy, against hand computations.
 
-References are computed here from each model's own `q_proj`/`k_proj` weights applied by hand to
-the input of the regularised layer's attention, leaving out the tokens before the patches
-([CLS], DeiT's distillation token, DINOv2's registers) by hand.
+The cross-entropy is computed here from the logits by hand (log-softmax and a gather), the
+spatial entropy from the eager twin's attention maps in float64 (`references.py`). DeiT (with a
+distillation token) on 16x24 images (a 4x6 grid) stands for the generic path.
 """
 
 import pytest
 import torch
-import torch.nn.functional as F
-import transformers
-from tiny import TINY, TinyImages
-from transformers import (
-    BeitConfig,
-    BeitForImageClassification,
-    ConvNextConfig,
-    ConvNextForImageClassification,
-    DeiTConfig,
-    DeiTForImageClassification,
-    SwinConfig,
-    SwinForImageClassification,
-    Trainer,
-    TrainingArguments,
-    ViTConfig,
-    ViTForImageClassification,
-)
+from references import eager_cls_log_probs, eager_twin, reference_entropy
+from tiny import TINY
+from transformers import DeiTConfig, DeiTForImageClassification
 
-from sar_hf import SARCallback, SARViTConfig, SARViTForImageClassification, SpatialEntropyLoss, spatial_entropy
+from sar_hf import SpatialEntropyLoss
 
-EAGER = {"attn_implementation": "eager", "output_attentions": True}
-GRID = (4, 4)
-BATCH = 3
+BATCH, CLASSES, GRID = 3, 3, (4, 6)
+WEIGHT = 0.5
+
+
+def deit(seed: int = 0) -> DeiTForImageClassification:
+    torch.manual_seed(seed)
+    return DeiTForImageClassification(DeiTConfig(**TINY)).train()
 
 
 def batch(seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
-    pixel_values = torch.randn(BATCH, 3, 16, 16, generator=generator)
-    labels = torch.randint(0, 3, (BATCH,), generator=generator)
+    pixel_values = torch.randn(BATCH, 3, 16, 24, generator=generator)
+    labels = torch.randint(0, CLASSES, (BATCH,), generator=generator)
     return pixel_values, labels
 
 
-def hand_scores(model, attention_module, pixel_values, prefix_tokens: int) -> torch.Tensor:
-    """(q_cls · k_j) / sqrt(d) for the patch tokens j, from the attention's input: [B, heads, n]."""
-    seen = {}
-    handle = attention_module.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
-    model(pixel_values)
-    handle.remove()
-    x = seen["x"]
-    heads, d = 4, 8
-    # Transformers renamed the projections over time (`attention.query` -> `q_proj`).
-    inner = getattr(attention_module, "attention", attention_module)
-    q_proj = getattr(attention_module, "q_proj", None) or inner.query
-    k_proj = getattr(attention_module, "k_proj", None) or inner.key
-    q = q_proj(x)[:, 0].reshape(BATCH, heads, d)
-    k = k_proj(x)[:, prefix_tokens:].reshape(BATCH, -1, heads, d)
-    return (q.unsqueeze(1) * k).sum(-1).transpose(1, 2) / d**0.5
+def reference_terms(model, pixel_values, labels):
+    """(per-image cross-entropies [B] by hand, the float64 spatial entropy) of a twin with `model`'s weights."""
+    twin = eager_twin(model)
+    logits = twin(pixel_values, interpolate_pos_encoding=True).logits.detach().double()
+    nll = -logits.log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
+    log_probs = eager_cls_log_probs(twin, pixel_values, -1, GRID[0] * GRID[1], interpolate_pos_encoding=True)
+    return nll, reference_entropy(log_probs, GRID)
 
 
-def entropy_seen_by(loss_fn, model, pixel_values, labels, weight=0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, the spatial-entropy term recovered from it) of one training-mode call."""
-    loss_fn.sar_weight = weight
-    out = model(pixel_values)
-    loss = loss_fn(out, labels)
-    return loss, (loss - F.cross_entropy(out.logits, labels)) / weight
-
-
-# -- agreement with the fast path --------------------------------------------------------------
-
-
-@pytest.mark.parametrize("sar_layer", [-1, 0])
-def test_plain_eager_vit_matches_the_fast_path(sar_layer):
-    torch.manual_seed(0)
-    fast = SARViTForImageClassification(SARViTConfig(**TINY, sar_weight=0.5, sar_layer=sar_layer)).train()
-    plain = ViTForImageClassification(ViTConfig(**TINY, **EAGER)).train()
-    plain.load_state_dict(fast.state_dict())
-    loss_fn = SpatialEntropyLoss(plain, sar_weight=0.5, sar_layer=sar_layer)
+def test_the_models_own_loss_gets_the_term():
+    model = deit()
+    SpatialEntropyLoss(model, sar_weight=WEIGHT)
     pixel_values, labels = batch()
-
-    expected = fast(pixel_values, labels=labels)
-    loss, _ = entropy_seen_by(loss_fn, plain, pixel_values, labels)
-    logged = loss_fn.sar_stats.pop(training=True)
-    assert logged["entropy"] == pytest.approx(expected.spatial_entropy.item(), abs=1e-5)
-    assert logged["ce_loss"] == pytest.approx(expected.ce_loss.item(), abs=1e-6)
-    assert logged["skipped_maps"] == 0
-    torch.testing.assert_close(loss, expected.loss, rtol=0, atol=1e-5)
+    nll, entropy = reference_terms(model, pixel_values, labels)
+    out = model(pixel_values, labels=labels, interpolate_pos_encoding=True)
+    assert out.loss.item() == pytest.approx(nll.mean().item() + WEIGHT * entropy, abs=1e-5)
 
 
-# -- other ViT-family models -------------------------------------------------------------------
-
-
-def deit():
-    model = DeiTForImageClassification(DeiTConfig(**TINY, **EAGER))
-    return model, model.deit.layers[-1].attention, 2  # [CLS], distillation token
-
-
-def dinov2_with_registers():
-    config = transformers.Dinov2WithRegistersConfig(**TINY, num_register_tokens=3, **EAGER)
-    model = transformers.Dinov2WithRegistersForImageClassification(config)
-    return model, model.dinov2_with_registers.encoder.layer[-1].attention, 1 + 3  # [CLS], registers
-
-
-def beit():
-    model = BeitForImageClassification(BeitConfig(**TINY, **EAGER))
-    return model, model.beit.layers[-1].attention, 1
-
-
-MODELS = [deit, beit]
-if hasattr(transformers, "Dinov2WithRegistersForImageClassification"):
-    MODELS.append(dinov2_with_registers)
-
-
-@pytest.mark.parametrize("build", MODELS, ids=lambda build: build.__name__)
-def test_vit_family_models_against_hand_computed_scores(build):
-    torch.manual_seed(0)
-    model, attention, prefix = build()
-    model.train()
-    loss_fn = SpatialEntropyLoss(model)
-    assert loss_fn.num_prefix_tokens == prefix
+def test_gradient_accumulation_normalises_both_terms_over_the_accumulated_batch():
+    """With Trainer's `num_items_in_batch` (here 10 items, this batch holding 3), the cross-entropy is
+    a sum over 10 and the entropy (a mean over this batch's maps) counts for 3/10 of the step."""
+    model = deit()
+    loss_fn = SpatialEntropyLoss(model, sar_weight=WEIGHT)
     pixel_values, labels = batch()
-    with torch.no_grad():
-        reference = spatial_entropy(hand_scores(model, attention, pixel_values, prefix), GRID)
-        loss, entropy = entropy_seen_by(loss_fn, model, pixel_values, labels)
-    assert reference.item() > 0
-    torch.testing.assert_close(entropy, reference, rtol=0, atol=1e-5)
-    assert loss_fn.sar_stats.pop(training=True)["entropy"] == pytest.approx(reference.item(), abs=1e-5)
-    if prefix > 1:  # counting one prefix token fewer would read it as the first patch: it shows
-        shifted = hand_scores(model, attention, pixel_values, prefix - 1)[..., :-1]
-        assert abs(spatial_entropy(shifted, GRID).item() - reference.item()) > 1e-4
+    nll, entropy = reference_terms(model, pixel_values, labels)
+    loss = loss_fn(model(pixel_values, interpolate_pos_encoding=True), labels, num_items_in_batch=torch.tensor(10))
+    assert loss.item() == pytest.approx(nll.sum().item() / 10 + WEIGHT * entropy * BATCH / 10, abs=1e-5)
+    # The model-path hook scales the same way.
+    out = model(pixel_values, labels=labels, interpolate_pos_encoding=True, num_items_in_batch=torch.tensor(10))
+    assert out.loss.item() == pytest.approx(loss.item(), abs=1e-6)
 
 
-def test_evaluation_returns_the_cross_entropy_and_logs_apart():
-    torch.manual_seed(0)
-    model = ViTForImageClassification(ViTConfig(**TINY, **EAGER)).eval()
-    loss_fn = SpatialEntropyLoss(model, sar_weight=0.5)
+def test_ignored_labels_and_soft_targets_are_counted_as_trainer_counts_them():
+    model = deit()
+    loss_fn = SpatialEntropyLoss(model, sar_weight=WEIGHT)
     pixel_values, labels = batch()
-    out = model(pixel_values)
-    torch.testing.assert_close(loss_fn(out, labels), F.cross_entropy(out.logits, labels))
-    assert loss_fn.sar_stats.pop(training=True) is None
-    assert loss_fn.sar_stats.pop(training=False)["entropy"] > 0
+    nll, entropy = reference_terms(model, pixel_values, labels)
+    ignored = labels.clone()
+    ignored[0] = -100  # Trainer counts 2 items here, of 8 in the accumulated batch
+    loss = loss_fn(model(pixel_values, interpolate_pos_encoding=True), ignored, num_items_in_batch=8)
+    assert loss.item() == pytest.approx(nll[1:].sum().item() / 8 + WEIGHT * entropy * 2 / 8, abs=1e-5)
+
+    soft = torch.nn.functional.one_hot(labels, CLASSES).float() * 0.7 + 0.1  # rows sum to 1
+    twin_logits = eager_twin(model)(pixel_values, interpolate_pos_encoding=True).logits.detach().double()
+    soft_nll = -(soft.double() * twin_logits.log_softmax(-1)).sum(-1)
+    # Trainer counts every element of [B, classes] soft targets: B·classes here, twice that accumulated.
+    loss = loss_fn(model(pixel_values, interpolate_pos_encoding=True), soft, num_items_in_batch=2 * BATCH * CLASSES)
+    assert loss.item() == pytest.approx(soft_nll.sum().item() / (2 * BATCH) + WEIGHT * entropy / 2, abs=1e-5)
+    loss = loss_fn(model(pixel_values, interpolate_pos_encoding=True), soft)
+    assert loss.item() == pytest.approx(soft_nll.mean().item() + WEIGHT * entropy, abs=1e-5)
 
 
-# -- what it refuses ---------------------------------------------------------------------------
-
-
-def swin():
-    config = SwinConfig(image_size=16, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=2)
-    return SwinForImageClassification(config)
-
-
-def convnext():
-    return ConvNextForImageClassification(
-        ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
-    )
-
-
-@pytest.mark.parametrize("build", [swin, convnext], ids=lambda build: build.__name__)
-def test_windowed_and_convolutional_models_are_refused_with_the_reason(build):
-    with pytest.raises(ValueError, match=r"no global attention from a \[CLS\] token to a patch grid"):
-        SpatialEntropyLoss(build())
-
-
-@pytest.mark.parametrize(
-    "config_kwargs",
-    [{"attn_implementation": "sdpa", "output_attentions": False}, {"attn_implementation": "eager"}],
-    ids=["sdpa", "no-output-attentions"],
-)
-def test_models_without_attention_maps_are_refused_naming_eager(config_kwargs):
-    model = ViTForImageClassification(ViTConfig(**TINY, **config_kwargs))
-    with pytest.raises(ValueError, match=r'attn_implementation="eager", output_attentions=True'):
-        SpatialEntropyLoss(model)
-
-
-def test_outputs_without_attentions_are_refused_naming_eager():
-    model = ViTForImageClassification(ViTConfig(**TINY, **EAGER))
-    loss_fn = SpatialEntropyLoss(model)
+def test_the_term_is_added_once_per_forward_pass():
+    model = deit()
+    loss_fn = SpatialEntropyLoss(model, sar_weight=WEIGHT)
     pixel_values, labels = batch()
-    out = model(pixel_values, output_attentions=False)
-    with pytest.raises(ValueError, match=r'attn_implementation="eager", output_attentions=True'):
+    out = model(pixel_values, labels=labels, interpolate_pos_encoding=True)  # the hook used the scores
+    assert loss_fn.penalty(labels) is None
+    with pytest.raises(RuntimeError, match="No \\[CLS\\] scores were captured"):
         loss_fn(out, labels)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"sar_weight": -1.0}, "sar_weight"), ({"sar_layer": 2}, "sar_layer")])
+def test_evaluation_adds_nothing_and_logs_apart():
+    model = deit().eval()
+    loss_fn = SpatialEntropyLoss(model, sar_weight=WEIGHT)
+    pixel_values, labels = batch()
+    nll, entropy = reference_terms(model, pixel_values, labels)
+    loss = loss_fn(model(pixel_values, interpolate_pos_encoding=True), labels)
+    assert loss.item() == pytest.approx(nll.mean().item(), abs=1e-5)
+    assert loss_fn.sar_stats.pop(training=True) is None
+    assert loss_fn.sar_stats.pop(training=False)["entropy"] == pytest.approx(entropy, abs=1e-5)
+
+
+def test_a_scheduled_weight_overrides_the_configured_one():
+    model = deit()
+    loss_fn = SpatialEntropyLoss(model, sar_weight=WEIGHT)
+    pixel_values, labels = batch()
+    nll, entropy = reference_terms(model, pixel_values, labels)
+    loss_fn.scheduled_sar_weight = 0.0
+    assert loss_fn(model(pixel_values, interpolate_pos_encoding=True), labels).item() == pytest.approx(
+        nll.mean().item(), abs=1e-5
+    )
+    loss_fn.scheduled_sar_weight = 2.0
+    assert loss_fn(model(pixel_values, interpolate_pos_encoding=True), labels).item() == pytest.approx(
+        nll.mean().item() + 2.0 * entropy, abs=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sar_weight": -1.0}, "sar_weight"),
+        ({"sar_weight": float("nan")}, "sar_weight"),
+        ({"sar_weight": None}, "config.sar_weight"),
+        ({"sar_layer": 2}, "sar_layer"),
+    ],
+)
 def test_bad_settings_are_value_errors(kwargs, match):
-    model = ViTForImageClassification(ViTConfig(**TINY, **EAGER))
     with pytest.raises(ValueError, match=match):
-        SpatialEntropyLoss(model, **kwargs)
-
-
-# -- inside Trainer ----------------------------------------------------------------------------
-
-
-def test_as_compute_loss_func_in_trainer(tmp_path):
-    torch.manual_seed(0)
-    model = ViTForImageClassification(ViTConfig(**TINY, **EAGER))
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    loss_fn = SpatialEntropyLoss(model, sar_weight=0.05)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        num_train_epochs=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    callback = SARCallback(schedule="constant", loss_fn=loss_fn)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=TinyImages(),
-        eval_dataset=TinyImages(4, seed=1),
-        compute_loss_func=loss_fn,
-        callbacks=[callback],
-    )
-    trainer.train()
-    metrics = trainer.evaluate()
-
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logs) == 4
-    for entry in logs:
-        assert entry["sar/weight"] == 0.05
-        assert entry["sar/entropy"] > 0 and entry["sar/skipped_maps"] == 0
-        # The logged loss is the training loss: cross-entropy plus the weighted entropy.
-        assert entry["loss"] == pytest.approx(entry["sar/ce_loss"] + 0.05 * entry["sar/entropy"], abs=1e-5)
-    assert metrics["eval_sar/entropy"] > 0
-    assert any(not torch.equal(before[name], p) for name, p in model.named_parameters() if "q_proj" in name)
+        SpatialEntropyLoss(deit(), **kwargs)

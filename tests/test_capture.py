@@ -1,0 +1,306 @@
+"""`CLSScoreCapture` and `SpatialEntropyLoss` on every supported ViT-family classifier.
+
+References are independent of the package: each model's eager-attention twin (same weights,
+`output_attentions=True`) gives the [CLS] row of the attention probabilities, whose log equals
+the captured pre-softmax scores up to one constant per row; the loss is recomputed from those
+log-probabilities in float64 with `scipy.ndimage.label`, map by map. Bias tables, class, register
+and distillation tokens are randomised so that a capture that left them out would be caught.
+"""
+
+import copy
+
+import pytest
+import torch
+from references import eager_cls_log_probs, eager_twin, reference_entropy
+from tiny import TINY
+from transformers import (
+    BeitConfig,
+    BeitForImageClassification,
+    CLIPConfig,
+    CLIPForImageClassification,
+    ConvNextConfig,
+    ConvNextForImageClassification,
+    Data2VecVisionConfig,
+    Data2VecVisionForImageClassification,
+    DeiTConfig,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersForImageClassification,
+    IJepaConfig,
+    IJepaForImageClassification,
+    SiglipConfig,
+    SiglipForImageClassification,
+    SwinConfig,
+    SwinForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTMAEConfig,
+    ViTMAEModel,
+    ViTMSNConfig,
+    ViTMSNForImageClassification,
+)
+
+from sar_hf import CLSScoreCapture, SARViTConfig, SARViTForImageClassification, SpatialEntropyLoss
+
+SIZES = {k: TINY[k] for k in ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads")}
+VISION = {**SIZES, "intermediate_size": 37, "initializer_range": 0.2}
+TEXT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 37}
+BATCH, HEIGHT, WIDTH = 3, 16, 24  # a 4x6 patch grid: rows and columns cannot be swapped unnoticed
+
+# name -> (build, extra tokens before the patches besides [CLS], forward kwargs for non-square images)
+MODELS = {
+    "vit": (
+        lambda: ViTForImageClassification(ViTConfig(**VISION, num_labels=3)),
+        0,
+        {"interpolate_pos_encoding": True},
+    ),
+    "deit": (
+        lambda: DeiTForImageClassification(DeiTConfig(**VISION, num_labels=3)),
+        1,
+        {"interpolate_pos_encoding": True},
+    ),
+    "deit-teacher": (
+        lambda: DeiTForImageClassificationWithTeacher(DeiTConfig(**VISION, num_labels=3)),
+        1,
+        {"interpolate_pos_encoding": True},
+    ),
+    "dinov2": (lambda: Dinov2ForImageClassification(Dinov2Config(**SIZES, mlp_ratio=1, num_labels=3)), 0, {}),
+    "dinov2-registers": (
+        lambda: Dinov2WithRegistersForImageClassification(
+            Dinov2WithRegistersConfig(**SIZES, mlp_ratio=1, num_register_tokens=4, num_labels=3)
+        ),
+        4,
+        {},
+    ),
+    "beit": (
+        lambda: BeitForImageClassification(
+            BeitConfig(**VISION, use_relative_position_bias=True, drop_path_rate=0.0, num_labels=3)
+        ),
+        0,
+        {"interpolate_pos_encoding": True},
+    ),
+    "beit-shared-bias": (
+        lambda: BeitForImageClassification(
+            BeitConfig(**VISION, use_shared_relative_position_bias=True, drop_path_rate=0.0, num_labels=3)
+        ),
+        0,
+        {"interpolate_pos_encoding": True},
+    ),
+    "vit-msn": (
+        lambda: ViTMSNForImageClassification(ViTMSNConfig(**VISION, num_labels=3)),
+        0,
+        {"interpolate_pos_encoding": True},
+    ),
+    "clip": (
+        lambda: CLIPForImageClassification(CLIPConfig(vision_config=VISION, text_config=TEXT, num_labels=3)),
+        0,
+        {"interpolate_pos_encoding": True},
+    ),
+}
+
+
+def build(name: str, seed: int = 0):
+    """The model of `name` with random weights, bias tables and special tokens, in eval mode."""
+    torch.manual_seed(seed)
+    model = MODELS[name][0]().eval()
+    with torch.no_grad():
+        for parameter_name, parameter in model.named_parameters():
+            if any(key in parameter_name for key in ("bias_table", "token", "class_embedding", "lambda")):
+                parameter.normal_(0, 1)
+    return model
+
+
+def pixels(seed: int = 1, height: int = HEIGHT, width: int = WIDTH) -> torch.Tensor:
+    return torch.randn(BATCH, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+# -- the captured scores, the loss and the kernel, for every model ------------------------------
+
+
+@pytest.mark.parametrize("layer", [-1, 0])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_captured_scores_are_the_eager_log_probabilities_up_to_a_row_constant(name, layer):
+    model = build(name)
+    twin = eager_twin(model)
+    loss_fn = SpatialEntropyLoss(model, sar_layer=layer)
+    pixel_values, kwargs = pixels(), MODELS[name][2]
+    with torch.no_grad():
+        model(pixel_values, **kwargs)
+    scores, grid_size, training = loss_fn.capture.pop()
+    assert grid_size == (HEIGHT // 4, WIDTH // 4) and not training
+    log_probs = eager_cls_log_probs(twin, pixel_values, layer, 24, **kwargs)
+    difference = scores.double() - log_probs
+    torch.testing.assert_close(difference, difference.mean(-1, keepdim=True).expand_as(difference), rtol=0, atol=1e-5)
+    # The other layer's maps differ: the test can tell the layers apart.
+    other = eager_cls_log_probs(twin, pixel_values, 1 - layer % 2, 24, **kwargs)
+    assert (scores.double() - other).std(-1).max() > 1e-2
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_loss_equals_a_float64_reference_on_the_eager_maps(name):
+    model = build(name)
+    twin = eager_twin(model)
+    loss_fn = SpatialEntropyLoss(model, sar_weight=0.5)
+    pixel_values, kwargs = pixels(), MODELS[name][2]
+    with torch.no_grad():
+        model(pixel_values, **kwargs)
+        _, entropy, skipped = loss_fn.penalty()
+    reference = reference_entropy(eager_cls_log_probs(twin, pixel_values, -1, 24, **kwargs), (4, 6))
+    assert entropy.item() == pytest.approx(reference, abs=1e-5) and skipped.item() == 0
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_layer_keeps_sdpa_and_the_loss_trains_the_regularised_layer(name, monkeypatch):
+    model = build(name).train()
+    loss_fn = SpatialEntropyLoss(model, sar_weight=1.0)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(query, *args, **kwargs):
+        calls.append(query.shape)
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    model(pixels(), **MODELS[name][2])
+    penalty, _, _ = loss_fn.penalty()
+    assert len(calls) == 2  # both layers, through SDPA, in the forward pass alone
+    penalty.backward()
+    assert loss_fn.capture.module.q_proj.weight.grad.abs().sum() > 0
+    assert loss_fn.capture.module.k_proj.weight.grad.abs().sum() > 0
+
+
+# -- models the capture refuses, with the reason ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("build_refused", "reason"),
+    [
+        (lambda: SwinForImageClassification(SwinConfig(embed_dim=16, depths=[1], num_heads=[2])), "windows"),
+        (
+            lambda: ConvNextForImageClassification(ConvNextConfig(num_stages=1, hidden_sizes=[8], depths=[1])),
+            "no attention",
+        ),
+        (lambda: IJepaForImageClassification(IJepaConfig(**VISION)), r"no \[CLS\] token"),
+        (
+            lambda: SiglipForImageClassification(SiglipConfig(vision_config=VISION, text_config=TEXT)),
+            r"no \[CLS\] token",
+        ),
+        (lambda: ViTMAEModel(ViTMAEConfig(**VISION)), "shuffles its patches"),
+        (lambda: Data2VecVisionForImageClassification(Data2VecVisionConfig(**VISION)), "registry"),
+    ],
+    ids=["swin", "convnext", "ijepa", "siglip", "vit-mae", "data2vec-vision"],
+)
+def test_unsupported_models_are_refused_with_the_reason(build_refused, reason):
+    with pytest.raises(ValueError, match=reason):
+        SpatialEntropyLoss(build_refused())
+
+
+def test_layer_out_of_range_and_a_second_capture_are_value_errors():
+    model = build("deit")
+    with pytest.raises(ValueError, match="must index one of the 2 layers"):
+        SpatialEntropyLoss(model, sar_layer=2)
+    SpatialEntropyLoss(model)
+    with pytest.raises(ValueError, match="already captured"):
+        CLSScoreCapture(model)
+
+
+# -- eager attention: the attention-map path ---------------------------------------------------------
+
+
+def test_eager_models_fall_back_to_their_attention_maps(caplog):
+    model = eager_twin(build("deit"))
+    with caplog.at_level("WARNING"):
+        loss_fn = SpatialEntropyLoss(model)
+    assert "runs eager attention" in caplog.text
+    pixel_values = pixels()
+    with torch.no_grad():
+        model(pixel_values, interpolate_pos_encoding=True)
+    scores, _, _ = loss_fn.capture.pop()
+    log_probs = eager_cls_log_probs(model, pixel_values, -1, 24, interpolate_pos_encoding=True)
+    torch.testing.assert_close(scores.double(), log_probs, rtol=0, atol=1e-5)
+
+
+def test_eager_attention_with_dropout_in_training_is_refused():
+    config = DeiTConfig(**VISION, num_labels=3, attention_probs_dropout_prob=0.1, attn_implementation="eager")
+    model = DeiTForImageClassification(config).train()
+    SpatialEntropyLoss(model)
+    with pytest.raises(ValueError, match="attention dropout"):
+        model(pixels(height=16, width=16))
+
+
+# -- PEFT ----------------------------------------------------------------------------------------
+
+
+def test_lora_adapters_are_in_the_scores_and_get_the_gradient():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = SARViTForImageClassification(SARViTConfig(**TINY, sar_weight=1.0))
+    lora = peft.LoraConfig(
+        target_modules=["q_proj", "k_proj", "v_proj"], modules_to_save=["classifier"], init_lora_weights=False
+    )
+    model = peft.get_peft_model(base, lora).train()
+    pixel_values, labels = pixels(height=16, width=16), torch.tensor([0, 1, 2])
+    out = model(pixel_values=pixel_values, labels=labels)
+
+    merged = copy.deepcopy(model).merge_and_unload()  # the adapters folded into plain Linear weights
+    plain = ViTForImageClassification(ViTConfig(**TINY, attn_implementation="eager"))
+    plain.load_state_dict(merged.state_dict())
+    reference = reference_entropy(eager_cls_log_probs(plain.train(), pixel_values, -1, 16), (4, 4))
+    assert out.spatial_entropy.item() == pytest.approx(reference, abs=1e-5)
+    # Without the adapters' delta the entropy differs: the test sees whether they were captured.
+    with model.disable_adapter(), torch.no_grad():
+        without = model(pixel_values=pixel_values, labels=labels).spatial_entropy
+    assert abs(without.item() - reference) > 1e-3
+
+    model.zero_grad()
+    out.spatial_entropy.backward()
+    attention = base.vit.layers[-1].attention
+    for projection in (attention.q_proj, attention.k_proj):
+        assert projection.lora_A["default"].weight.grad.abs().sum() > 0
+        assert projection.lora_B["default"].weight.grad.abs().sum() > 0
+    assert base.vit.layers[-1].attention.q_proj.base_layer.weight.grad is None  # frozen by PEFT
+
+
+# -- gradient checkpointing and torch.compile ---------------------------------------------------------
+
+
+def test_non_reentrant_gradient_checkpointing_gives_identical_losses_and_gradients():
+    def loss_and_gradients(checkpointing: bool):
+        model = build("deit").train()
+        loss_fn = SpatialEntropyLoss(model, sar_weight=1.0)
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        labels = torch.tensor([0, 1, 2])
+        outputs = model(pixels(height=16, width=16))
+        loss = loss_fn(outputs, labels)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (loss, gradients), (checkpointed, checkpointed_gradients) = loss_and_gradients(False), loss_and_gradients(True)
+    assert torch.equal(loss, checkpointed)
+    assert gradients.keys() == checkpointed_gradients.keys()
+    for name in gradients:
+        torch.testing.assert_close(checkpointed_gradients[name], gradients[name], rtol=1e-6, atol=1e-7)
+
+
+def test_torch_compile_of_the_model_trains():
+    torch.manual_seed(0)
+    model = SARViTForImageClassification(SARViTConfig(**TINY, sar_weight=1.0)).train()
+    compiled = torch.compile(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.vit.layers[-1].attention.q_proj.weight.detach().clone()
+    pixel_values, labels = pixels(height=16, width=16), torch.tensor([0, 1, 2])
+    for _ in range(2):
+        out = compiled(pixel_values=pixel_values, labels=labels)
+        assert torch.isfinite(out.loss) and out.spatial_entropy > 0
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert not torch.equal(model.vit.layers[-1].attention.q_proj.weight, before)
+    eager_loss = model(pixel_values=pixel_values, labels=labels).loss
+    torch.testing.assert_close(
+        compiled(pixel_values=pixel_values, labels=labels).loss, eager_loss, rtol=1e-5, atol=1e-5
+    )
