@@ -222,3 +222,120 @@ def test_non_finite_scores_are_skipped_and_training_stays_finite(tmp_path, monke
     assert all(math.isfinite(entry["loss"]) and math.isfinite(entry["sar/entropy"]) for entry in logs)
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all(), name
+
+
+# -- the term joins whatever loss Trainer computes -------------------------------------------------
+
+
+class SoftImages(TinyImages):
+    """TinyImages with soft targets [classes]: 0.7 on the label, 0.1 elsewhere."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        return {**item, "labels": torch.nn.functional.one_hot(item["labels"], 3).float() * 0.7 + 0.1}
+
+
+def soft_cross_entropy(outputs, labels, num_items_in_batch=None):
+    """A user's soft-target loss: Trainer counts `classes` items per image of soft targets."""
+    nll = -(labels * outputs["logits"].log_softmax(-1)).sum()
+    images = labels.shape[0] if num_items_in_batch is None else num_items_in_batch / labels.shape[-1]
+    return nll / images
+
+
+def squared_error(outputs, labels, num_items_in_batch=None):
+    """A user's custom loss on class indices."""
+    one_hot = torch.nn.functional.one_hot(labels, 3).float()
+    return ((outputs["logits"].softmax(-1) - one_hot) ** 2).sum() / labels.shape[0]
+
+
+def hand_loss(setting: str, logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The loss each setting asks for, computed here from the logits."""
+    log_p = logits.double().log_softmax(-1)
+    if setting == "label_smoothing":  # Transformers' LabelSmoother, ε = 0.1
+        nll = -log_p.gather(1, labels[:, None]).mean()
+        return (0.9 * nll - 0.1 * log_p.mean(-1).mean()).item()
+    if setting == "soft_targets":
+        return -(labels.double() * log_p).sum(-1).mean().item()
+    return ((log_p.exp() - torch.nn.functional.one_hot(labels, 3).double()) ** 2).sum(-1).mean().item()
+
+
+SETTINGS = {
+    "label_smoothing": ({"label_smoothing_factor": 0.1}, None, TinyImages),
+    "soft_targets": ({}, soft_cross_entropy, SoftImages),
+    "custom_loss": ({}, squared_error, TinyImages),
+}
+
+
+@pytest.mark.parametrize("model_kind", ["sar-vit", "deit"])
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_the_term_is_added_to_the_loss_trainer_computes(tmp_path, setting, model_kind):
+    """Each step's logged loss equals the setting's loss plus λ·SE, both computed here on a copy
+    of the model taken before the step (one batch holds the whole dataset, so every step sees it)."""
+    from references import eager_cls_log_probs, eager_twin, reference_entropy
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    from sar_hf import SpatialEntropyLoss
+
+    overrides, loss_func, dataset_class = SETTINGS[setting]
+    dataset = dataset_class(4)
+    if model_kind == "deit":
+        torch.manual_seed(0)
+        model = DeiTForImageClassification(DeiTConfig(**TINY))
+        SpatialEntropyLoss(model, sar_weight=0.5)
+    else:
+        model = make_model()
+    expected = []
+
+    class Reference(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            twin = eager_twin(model).train()
+            batch = [dataset[i] for i in range(len(dataset))]
+            pixel_values = torch.stack([item["pixel_values"] for item in batch])
+            labels = torch.stack([item["labels"] for item in batch])
+            with torch.no_grad():
+                logits = twin(pixel_values).logits
+            entropy = reference_entropy(eager_cls_log_probs(twin, pixel_values, -1, 16), (4, 4))
+            expected.append(hand_loss(setting, logits, labels) + 0.5 * entropy)
+
+    args = make_args(tmp_path, per_device_train_batch_size=4, num_train_epochs=2, learning_rate=1e-2, **overrides)
+    trainer = SARTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        compute_loss_func=loss_func,
+        callbacks=[SARCallback(schedule="constant"), Reference()],
+    )
+    trainer.train()
+    logs = train_logs(trainer)
+    assert len(logs) == len(expected) == 2
+    for entry, loss in zip(logs, expected, strict=True):
+        assert entry["loss"] == pytest.approx(loss, abs=2e-4)  # Trainer rounds the logged loss
+        assert entry["sar/entropy"] > 0 and entry["sar/weight"] == 0.5
+
+
+def test_a_plain_trainer_that_would_drop_the_term_is_an_error(tmp_path):
+    smoothing = Trainer(
+        model=make_model(),
+        args=make_args(tmp_path, label_smoothing_factor=0.1),
+        train_dataset=TinyImages(),
+        callbacks=[SARCallback()],
+    )
+    with pytest.raises(ValueError, match="Use `sar_hf.SARTrainer`"):
+        smoothing.train()
+    custom = Trainer(
+        model=make_model(),
+        args=make_args(tmp_path),
+        train_dataset=TinyImages(),
+        compute_loss_func=squared_error,
+        callbacks=[SARCallback()],
+    )
+    with pytest.raises(RuntimeError, match="without the SAR term"):
+        custom.train()
+    assert custom.state.global_step == 1  # stopped at the end of the first step
+
+
+def test_sar_trainer_needs_a_model_with_a_sar_loss(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    with pytest.raises(ValueError, match=r"SpatialEntropyLoss\(model\)"):
+        SARTrainer(model=ViTForImageClassification(ViTConfig(**TINY)), args=make_args(tmp_path))
