@@ -2,14 +2,21 @@
 
 Two exact algorithms, one result:
 
-* ``"scipy"`` (CPU): a single ``scipy.ndimage.label`` call labels the ``[M, gh, gw]`` stack
-  with a 3-D structure that joins nothing across maps. scipy numbers regions in raster
-  order, so the regions of map ``i`` are one contiguous block of labels that a per-map
-  offset renumbers to ``1..n_i``.
-* ``"propagation"`` (any device, the default on GPUs): min-label propagation over the
-  3×3 (or cross) neighbourhood with Shiloach–Vishkin style hooking and pointer jumping,
-  all in batched tensor ops, so the maps never leave the device.
+* ``"scipy"`` (CPU): a single ``scipy.ndimage.label`` call labels all maps, stacked into one
+  2-D image with an empty row after each map so that no region crosses from one map into the
+  next. scipy numbers regions in raster order, so the regions of map ``i`` are one contiguous
+  block of labels that a per-map offset renumbers to ``1..n_i``.
+* ``"propagation"`` (any device, the default on GPUs): tree hooking and pointer jumping over the
+  3×3 (or cross) neighbourhood, in batched tensor ops and a number of rounds fixed by the grid
+  size, so the maps never leave the device and the host never waits for them (see
+  `_label_propagation` for the bound and its proof).
+
+Both run inside one registered operator, ``torch.ops.sar_hf.connected_components``, which
+`torch.compile` and `torch.export` keep as a single opaque node (its fake implementation
+gives them the output shapes).
 """
+
+import math
 
 import numpy as np
 import scipy.ndimage
@@ -39,13 +46,13 @@ def connected_components(
         `torch.LongTensor` of shape `[..., gh, gw]` on the input's device: 0 for background,
         regions numbered `1..n` within each map in raster order of their first pixel. With
         `return_counts=True`, `(labels, counts)` with `counts` of shape `[...]` (int64, `n` per map).
+        `n` never exceeds `max_regions(gh, gw, connectivity)`.
 
-    Cost, for M maps of side s (n = s² pixels):
+    Cost, for M maps of n pixels:
         * scipy: one O(M·n) pass over the stacked maps; the mask is copied to the host and
-          the labels back, one synchronisation.
-        * propagation: O(M·n) work per round and O(log n) rounds for compact regions, at
-          most O(n) for adversarial snakes; one host synchronisation per round (the
-          convergence test). Memory O(M·n).
+          the labels back (on a GPU tensor, one synchronisation).
+        * propagation: O(M·n·log² n) work in a fixed number of batched tensor ops, no host
+          synchronisation; memory O(M·n).
     """
     if mask.dtype != torch.bool:
         raise TypeError(f"`mask` must be a bool tensor, got {mask.dtype}; use `scores > threshold`.")
@@ -55,82 +62,159 @@ def connected_components(
         raise ValueError(f"`connectivity` must be 4 or 8, got {connectivity}.")
     if algorithm not in _ALGORITHMS:
         raise ValueError(f"`algorithm` must be one of {_ALGORITHMS}, got {algorithm!r}.")
-    if algorithm == "auto":
-        algorithm = "scipy" if mask.device.type == "cpu" else "propagation"
-
     *lead, gh, gw = mask.shape
-    if mask.numel() == 0:  # no maps, or maps without pixels
-        labels = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
-        counts = torch.zeros(lead, dtype=torch.long, device=mask.device)
-    else:
-        label = _label_scipy if algorithm == "scipy" else _label_propagation
-        labels, counts = label(mask.reshape(-1, gh, gw), connectivity)
+    labels, counts = label_maps(mask.reshape(math.prod(lead), gh, gw), connectivity, algorithm)
     labels, counts = labels.reshape(mask.shape), counts.reshape(lead)
     return (labels, counts) if return_counts else labels
 
 
+def label_maps(maps: torch.Tensor, connectivity: int, algorithm: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, gh, gw] bool -> ([M, gh, gw] int64 labels, [M] int64 counts), through the registered operator.
+
+    The arguments are not checked: this is the entry point of `spatial_entropy`, whose own
+    checks already hold.
+    """
+    if algorithm == "auto":
+        algorithm = "scipy" if maps.device.type == "cpu" else "propagation"
+    return torch.ops.sar_hf.connected_components(maps, connectivity, algorithm)
+
+
+def max_regions(gh: int, gw: int, connectivity: int) -> int:
+    """The largest number of regions that a `gh × gw` mask can have.
+
+    8-connectivity: `ceil(gh/2) · ceil(gw/2)`. Cut the grid into 2×2 blocks (narrower at an odd
+    edge); the pixels of one block are pairwise 8-adjacent, so each block meets at most one
+    region, and every region meets a block: at most one region per block. Isolated pixels at
+    every (even row, even column) reach the bound.
+
+    4-connectivity: `ceil(gh·gw / 2)`. A boustrophedon path visits every pixel, each step to a
+    4-neighbour; cut it into consecutive pairs (one single at the end when gh·gw is odd). Each
+    pair meets at most one region, so there are at most as many regions as pieces. A
+    checkerboard reaches the bound.
+    """
+    if connectivity == 8:
+        return ((gh + 1) // 2) * ((gw + 1) // 2)
+    return (gh * gw + 1) // 2
+
+
+@torch.library.custom_op("sar_hf::connected_components", mutates_args=())
+def _label_op(maps: torch.Tensor, connectivity: int, algorithm: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, gh, gw] bool -> ([M, gh, gw] int64 labels, [M] int64 counts); `algorithm` is "scipy" or "propagation"."""
+    if maps.numel() == 0:  # no maps, or maps without pixels
+        return torch.zeros(maps.shape, dtype=torch.long, device=maps.device), maps.new_zeros(
+            maps.shape[0], dtype=torch.long
+        )
+    label = _label_scipy if algorithm == "scipy" else _label_propagation
+    return label(maps, connectivity)
+
+
+@_label_op.register_fake
+def _label_op_fake(maps, connectivity, algorithm):
+    return maps.new_empty(maps.shape, dtype=torch.long), maps.new_empty(maps.shape[:1], dtype=torch.long)
+
+
 def _label_scipy(maps: torch.Tensor, connectivity: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, gh, gw] bool -> ([M, gh, gw] int64 labels, [M] int64 counts) via one scipy call."""
-    m = maps.shape[0]
-    # A 3-D structure with empty outer planes joins nothing across maps, so the maps need no
-    # copy into a tiled image; the labels come out in raster order over (map, row, column).
-    structure = np.zeros((3, 3, 3), dtype=bool)
-    structure[1] = scipy.ndimage.generate_binary_structure(2, 2 if connectivity == 8 else 1)
-    labels = np.empty(maps.shape, dtype=np.int64)
-    scipy.ndimage.label(maps.cpu().numpy(), structure=structure, output=labels)
-    labels = torch.from_numpy(labels)
+    m, gh, gw = maps.shape
+    # Maps stacked one under the other, each followed by an empty row: a plain 2-D labelling
+    # with long runs of rows, which scipy does faster than a 3-D one over the [M, gh, gw] stack.
+    image = np.zeros((m, gh + 1, gw), dtype=bool)
+    image[:, :gh] = maps.cpu().numpy()
+    structure = scipy.ndimage.generate_binary_structure(2, 2 if connectivity == 8 else 1)
+    raw = np.empty(image.shape, dtype=np.int32)
+    scipy.ndimage.label(image.reshape(-1, gw), structure=structure, output=raw.reshape(-1, gw))
+    raw = torch.from_numpy(raw)[:, :gh]
     # Regions of earlier maps took the labels below this map's; the running max counts them.
-    last = torch.cummax(labels.reshape(m, -1).amax(dim=1), dim=0).values
+    last = torch.cummax(raw.reshape(m, -1).amax(dim=1), dim=0).values.long()
     offset = torch.cat([last.new_zeros(1), last[:-1]])
     # The background goes negative and is clamped back to 0; regions land on 1..n_i.
-    labels = labels.sub_(offset.reshape(m, 1, 1)).clamp_(min=0)
+    labels = (raw - offset.reshape(m, 1, 1)).clamp_(min=0)
     return labels.to(maps.device), (last - offset).to(maps.device)
 
 
+def propagation_rounds(n: int) -> int:
+    """Hooking rounds that `_label_propagation` runs on maps of `n` pixels: floor(log2 n)."""
+    return max(n.bit_length() - 1, 0)
+
+
 def _label_propagation(maps: torch.Tensor, connectivity: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, gh, gw] bool -> ([M, gh, gw] int64 labels, [M] int64 counts), on the maps' device."""
+    """[M, gh, gw] bool -> ([M, gh, gw] int64 labels, [M] int64 counts), on the maps' device.
+
+    A forest over the foreground pixels of each map, where `parent` holds a local pixel index
+    (0..n-1) and a root points at itself. At the start of every round each tree is a star
+    (every pixel points at its root). A round:
+
+    1. `lo`/`hi`: for each tree, the smallest and largest root among the trees that touch it
+       (itself included), from one neighbourhood pooling and two scatters onto the roots.
+    2. Hooking: a root with `lo < root` re-points at `lo`. A root with `lo == root` that no other
+       root hooked onto but that touches a larger tree `T` (`hi > root`) re-points at `lo[T]`:
+       `T` touches this tree, so `lo[T] <= root`, and `lo[T] != root` because nobody hooked onto
+       it, hence `lo[T] < root`. Every new pointer thus goes to a smaller root: no cycles, and
+       every merge joins trees of one component.
+    3. Pointer jumping restores stars.
+
+    Bound. In a round, every tree of a component not yet finished (one with a touching tree)
+    hooks or is hooked onto, so the trees of each component merge in groups of two or more and
+    their number `t` at least halves: `t_k <= floor(n / 2**k)`, and after `floor(log2 n)` rounds
+    each component is one tree. Within round k a path from a pixel runs through distinct old
+    roots of its component, all decreasing: at most `t_k` steps, which `t_k.bit_length()` jumps
+    (each doubling the distance covered) shorten to one. The rounds and jumps are therefore fixed
+    by `n` alone, the result is exact for every mask (snakes and spirals included), and no
+    convergence test is needed: the host never reads the maps. `tests/test_components.py` runs
+    the worst masks at this bound.
+    """
     m, gh, gw = maps.shape
     n = gh * gw
     fg = maps.reshape(m, n)
-    # Every pixel points at a pixel of its own map (a local index 0..n-1); a root points at
-    # itself. Local indices stay exact in float32 for grids up to 4096x4096.
     local = torch.arange(n, device=maps.device).expand(m, n)
-    base = torch.arange(m, device=maps.device).unsqueeze(1) * n  # flat offset of each map
     parent = local.clone()
-    while True:
-        # Smallest parent among the foreground neighbours and the pixel itself.
-        value = torch.where(fg, parent, n).reshape(m, 1, gh, gw).float().neg()
-        if connectivity == 8:
-            best = F.max_pool2d(value, 3, stride=1, padding=1)
-        else:
-            best = value
-            for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
-                best = torch.maximum(best, _shift(value, dy, dx))
-        best = torch.minimum(best.neg().long().reshape(m, n), parent)
-        best = torch.where(fg, best, parent)
-        # Hooking: a pixel that sees a smaller label re-points its root there too, which
-        # merges whole trees per round instead of moving labels one pixel at a time.
-        flat_parent = (parent + base).flatten()
-        hooked = (parent + base).flatten().scatter_reduce(0, flat_parent, (best + base).flatten(), reduce="amin")
-        new = torch.minimum(hooked.reshape(m, n) - base, best)
-        # Pointer jumping: each jump halves every path to the root.
-        for _ in range(n.bit_length()):
-            new = torch.gather(new, 1, new)
-        if torch.equal(new, parent):  # the one host synchronisation per round
-            break
-        parent = new
-    # Each region's root is its first pixel in raster order; number the roots 1..n_i.
-    is_root = fg & (parent == local)
-    rank = torch.cumsum(is_root, dim=1)
-    labels = torch.gather(rank, 1, parent)
-    return torch.where(fg, labels, 0).reshape(m, gh, gw), rank[:, -1]
+    trees = n  # a bound on the trees of one component at the start of the round
+    for _ in range(propagation_rounds(n)):
+        lo, hi = _touching_roots(parent, fg, gh, gw, connectivity)
+        root_lo = local.clone().scatter_reduce_(1, parent, lo, reduce="amin")
+        root_hi = local.clone().scatter_reduce_(1, parent, hi, reduce="amax")
+        hooks = root_lo < local
+        hit = torch.zeros_like(parent).scatter_add_(1, root_lo, hooks.long()) > 0
+        stagnant = ~hooks & ~hit & (root_hi > local)
+        parent = torch.where(hooks, root_lo, parent)
+        parent = torch.where(stagnant, torch.gather(root_lo, 1, root_hi), parent)
+        for _ in range(trees.bit_length()):
+            parent = torch.gather(parent, 1, parent)
+        trees //= 2
+    # Number the components 1..n_i in raster order of their first pixel, as scipy does.
+    first = local.clone().scatter_reduce_(1, parent, local, reduce="amin")
+    root_first = torch.gather(first, 1, parent)
+    rank = torch.cumsum(fg & (root_first == local), dim=1)
+    labels = torch.where(fg, torch.gather(rank, 1, root_first), 0)
+    return labels.reshape(m, gh, gw), rank[:, -1]
+
+
+def _touching_roots(parent, fg, gh, gw, connectivity):
+    """Smallest and largest parent among each foreground pixel's neighbourhood (itself included).
+
+    [M, n] int64 parents, [M, n] bool foreground -> two [M, n] int64 tensors; background pixels
+    get their own parent, so that they never hook. Local indices are exact in float32 up to
+    2**24 pixels per map.
+    """
+    m, n = parent.shape
+    # Channel 0 holds -parent (its max is -min), channel 1 parent; the background can win neither.
+    values = torch.stack((torch.where(fg, -parent, -n), torch.where(fg, parent, -1)), dim=1)
+    values = values.reshape(m, 2, gh, gw).float()
+    if connectivity == 8:
+        best = F.max_pool2d(values, 3, stride=1, padding=1)
+    else:
+        best = values
+        for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+            best = torch.maximum(best, _shift(values, dy, dx))
+    best = best.long().reshape(m, 2, n)
+    return torch.where(fg, -best[:, 0], parent), torch.where(fg, best[:, 1], parent)
 
 
 def _shift(value: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """Shift [M, 1, gh, gw] by (dy, dx), filling with -inf (never the best neighbour)."""
+    """Shift [M, C, gh, gw] by (dy, dx), filling with -inf (never the best neighbour)."""
     padded = F.pad(value, (1, 1, 1, 1), value=float("-inf"))
     gh, gw = value.shape[-2:]
     return padded[..., 1 + dy : 1 + dy + gh, 1 + dx : 1 + dx + gw]
 
 
-__all__ = ["connected_components"]
+__all__ = ["connected_components", "label_maps", "max_regions", "propagation_rounds"]
