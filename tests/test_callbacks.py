@@ -6,16 +6,12 @@ epoch 2 to 0 at the last epoch (4): λ*, λ*·½(1 + cos(π/2)) = λ*/2, 0. Per 
 fractional (step / 4) and the cosine reaches 0 at e = 5.
 """
 
-import json
 import math
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from ranks import run_two_ranks
 from tiny import TINY
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
@@ -140,29 +136,8 @@ def test_distributed_data_parallel_is_unwrapped_and_stats_are_reduced(tmp_path):
     The ranks are plain subprocesses rather than `accelerate launch`: the test drives the callback
     by hand at step 12, with no Trainer.
     """
-    worker = Path(__file__).with_name("ddp_callback_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}  # loopback: no hostname lookup
     settings = {"sar_weight": PEAK, "warmup_epochs": WARMUP, "step": 12, "max_steps": MAX_STEPS, "epochs": EPOCHS}
-    store, results = tmp_path / "store", [tmp_path / f"rank{rank}.json" for rank in range(2)]
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(worker), str(rank), "2", str(store), str(results[rank]), json.dumps(settings)],
-            env=env,
-        )
-        for rank in range(2)
-    ]
-    deadline = time.monotonic() + 180
-    try:  # until both finish, or one fails (its peer would wait for it)
-        while any(p.poll() is None for p in processes) and all(p.poll() in (None, 0) for p in processes):
-            assert time.monotonic() < deadline, "the two ranks did not finish within 180 s"
-            time.sleep(0.2)
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
-    assert [process.returncode for process in processes] == [0, 0]
-
-    rank0, rank1 = (json.loads(path.read_text()) for path in results)
+    rank0, rank1 = run_two_ranks(Path(__file__).with_name("ddp_callback_worker.py"), tmp_path, settings)
     assert rank0["entropy"] != pytest.approx(rank1["entropy"])
     for rank in (rank0, rank1):
         assert rank["scheduled_sar_weight"] == pytest.approx(PER_EPOCH[12])  # 0.05: half-way down the cosine

@@ -304,3 +304,24 @@ def test_torch_compile_of_the_model_trains():
     torch.testing.assert_close(
         compiled(pixel_values=pixel_values, labels=labels).loss, eager_loss, rtol=1e-5, atol=1e-5
     )
+
+
+# -- FSDP ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["sar-vit", "deit"])
+def test_fully_sharded_models_give_the_unsharded_loss_and_gradient(tmp_path, model):
+    """Two gloo ranks shard the model with FSDP2 (`fully_shard`): the capture still finds its layer,
+    each rank's loss is the unsharded model's, and the gradient is the ranks' mean."""
+    from pathlib import Path
+
+    from ranks import run_two_ranks
+
+    ranks = run_two_ranks(Path(__file__).with_name("fsdp_worker.py"), tmp_path, {"model": model})
+    for rank in ranks:
+        assert rank["sharded"]["module"].startswith("FSDP")  # really sharded
+        assert rank["sharded"]["loss"] == pytest.approx(rank["unsharded"]["loss"], abs=1e-6)
+    mean = (torch.tensor(ranks[0]["unsharded"]["grad"]) + torch.tensor(ranks[1]["unsharded"]["grad"])) / 2
+    assert mean.abs().sum() > 0
+    for rank in ranks:
+        torch.testing.assert_close(torch.tensor(rank["sharded"]["grad"]), mean, rtol=1e-5, atol=1e-6)
