@@ -1,28 +1,40 @@
-"""Forward + backward time of `sar_hf.spatial_entropy` against a loop shaped like the authors' release.
+"""Forward + backward time of `sar_hf.spatial_entropy` against the structure of the authors' release.
 
-The reference below keeps the structure of the release of Peruzzo et al.
-(https://arxiv.org/abs/2206.04636): a Python loop over every (image, head) map, one
-`scipy.ndimage.label` call per map, one dense boolean mask per region, and the region
-masses gathered with torch ops so that autograd sees every step. `sar_hf` labels all maps in
-one call and sums the regions with one `scatter_add`.
+The reference, `reference_spatial_entropy`, is the `BlobLoss` of the authors' release
+(`attention_losses.py`, Peruzzo et al., https://arxiv.org/abs/2206.04636), for any grid:
+
+1. the mean, the mask and `relu(s - m) + 1e-9`, once for the whole batch;
+2. a Python loop over the (image, head) maps, each labelled on the CPU by OpenCV's
+   `cv2.connectedComponents` (8-connectivity, 16-bit labels, as the release calls it);
+3. one dense 0/1 mask per region, stacked;
+4. one gathered, batched sum, `x[b_idx, h_idx] * masks`, for the region masses and the total;
+5. the entropy, and the release's `math.isfinite` check of the loss.
+
+OpenCV comes from the `bench` extra (`pip install -e ".[bench]"`); where it is missing,
+`scipy.ndimage.label` takes its place and the results say so. Every row checks that the
+reference and `sar_hf` give the same loss.
 
 Usage:
     python benchmarks/bench_loss.py                      # CPU, writes benchmarks/results/bench_loss_cpu.{md,json}
-    python benchmarks/bench_loss.py --device cuda        # GPU, writes ..._cuda.{md,json}
+    python benchmarks/bench_loss.py --device cuda --compile   # GPU (benchmarks/run_gpu.sh), ..._cuda.{md,json}
     python benchmarks/bench_loss.py --repeats 3 --no-smooth --no-sweep   # a quick look
 
 Each row alternates the two implementations in one process and reports the median of
 `--repeats` timed runs after one warm-up. "Labels" columns time the labelling alone
-(`sar_hf.connected_components`, both algorithms), for information.
+(`sar_hf.connected_components`, both algorithms), for information. On CUDA, "host syncs" counts
+the synchronisations of one `spatial_entropy` forward + backward (`torch.cuda.set_sync_debug_mode`),
+and `--compile` adds `torch.compile` and CUDA-graph timings at one shape.
 """
 
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,32 +45,62 @@ import torch.nn.functional as F
 
 import sar_hf
 
+try:  # the release's labeller, from the `bench` extra
+    import cv2
+except ImportError:
+    cv2 = None
+
 SHAPES = [(64, 6, 14, 14), (256, 6, 14, 14), (64, 12, 14, 14), (64, 6, 32, 32), (16, 6, 64, 64)]
 SWEEP_SIDES = [8, 16, 24, 32, 48, 64]
 SWEEP_BATCH = (16, 6)
+COMPILE_SHAPE = (256, 6, 14, 14)
 EIGHT = np.ones((3, 3), dtype=bool)
+REFERENCE_LABELLER = (
+    f"OpenCV {cv2.__version__} `cv2.connectedComponents`" if cv2 is not None else "`scipy.ndimage.label` (no OpenCV)"
+)
 
 
 def reference_spatial_entropy(scores: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-    """[B, heads, gh*gw] -> scalar, one map at a time as in the authors' release."""
-    gh, gw = grid_size
+    """[B, heads, gh*gw] float32 -> scalar: the authors' `BlobLoss`, step by step (see the module docstring)."""
     batch, heads, _ = scores.shape
-    entropies = []
-    for b in range(batch):
-        for h in range(heads):
-            s = scores[b, h].reshape(gh, gw)
-            m = s.mean()
-            mask = s > m
-            labels, n = scipy.ndimage.label(mask.detach().cpu().numpy(), structure=EIGHT)
-            x = torch.relu(s - m) + 1e-9
-            if n == 0:
-                entropies.append(s.new_zeros(()))
-                continue
-            regions = [torch.from_numpy(labels == r).to(s.device) for r in range(1, n + 1)]
-            mass = torch.stack([x[region].sum() for region in regions])
-            p = mass / x[mask].sum()
-            entropies.append(-(p * torch.log(p)).sum())
-    return torch.stack(entropies).sum() / (batch * heads)
+    m = torch.mean(scores, dim=-1, keepdim=True)
+    with torch.no_grad():
+        mask = (scores > m).long()
+        b_idx, h_idx, regions = _reference_regions(mask, grid_size)
+    x = torch.relu(scores - m) + torch.tensor(1e-9)
+    mass = torch.sum(x[b_idx, h_idx] * regions, dim=-1)
+    total = torch.sum(x[b_idx, h_idx] * mask[b_idx, h_idx], dim=-1)
+    p = mass / total
+    loss = torch.sum(-(p * torch.log(p))) / (batch * heads)
+    if not math.isfinite(loss.item()):  # the release returns None here; the check reads the loss on the host
+        raise FloatingPointError("the reference loss is not finite")
+    return loss
+
+
+def _reference_regions(mask: torch.Tensor, grid_size: tuple[int, int]):
+    """The release's `CComponents`: ([R] image index, [R] head index, [R, gh*gw] int64 0/1 region masks)."""
+    gh, gw = grid_size
+    maps = mask.cpu().numpy()
+    b_idx, h_idx, regions = [], [], []
+    for b in range(maps.shape[0]):
+        for h in range(maps.shape[1]):
+            n, labels = _label_one(maps[b, h].reshape(gh, gw))
+            for k in range(1, n):
+                b_idx.append(b)
+                h_idx.append(h)
+                regions.append(torch.tensor((labels == k) * 1.0).reshape(-1).long())
+    device = mask.device
+    stacked = torch.stack(regions) if regions else torch.zeros(0, gh * gw, dtype=torch.long)
+    return torch.tensor(b_idx, device=device), torch.tensor(h_idx, device=device), stacked.to(device)
+
+
+def _label_one(mask: np.ndarray) -> tuple[int, np.ndarray]:
+    """One [gh, gw] 0/1 map -> (regions + 1, labels), as the release's `opencv_cc`."""
+    if cv2 is None:
+        labels, n = scipy.ndimage.label(mask > 0, structure=EIGHT)
+        return n + 1, labels
+    image = ((mask[:, :, None] > 0) * 1).astype("uint8")
+    return cv2.connectedComponents(image, connectivity=8, ltype=cv2.CV_16U)
 
 
 def make_scores(shape, smooth: bool, device: str, seed: int = 0) -> torch.Tensor:
@@ -152,9 +194,53 @@ def bench_shape(shape, smooth: bool, device: str, repeats: int, max_wait_s: floa
         "loss_rel_diff": abs(loss_ours - loss_ref) / max(abs(loss_ref), 1e-12),
         **{f"{key}_ms": 1e3 * value for key, value in median.items()},
         "speedup": median["reference"] / median["sar_hf"],
+        "host_syncs": count_host_syncs(ours, scores) if device == "cuda" else None,
         "runs": repeats,
         "cpu_idle_before": idle,
     }
+
+
+def count_host_syncs(fn, scores: torch.Tensor) -> int:
+    """Synchronisations of one CUDA forward + backward of `fn`, as `torch.cuda.set_sync_debug_mode` reports them."""
+    leaf = scores.detach().clone().requires_grad_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn(leaf).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def bench_compiled(shape, device: str, repeats: int) -> list[dict]:
+    """Eager, `torch.compile(fullgraph=True)` and (CUDA) CUDA-graph timings at one shape, noise and smooth.
+
+    A variant that fails to compile or run is reported with its error instead of a time.
+    """
+    grid = shape[2:]
+    modes = {"eager": None, "compile": "default"}
+    if device == "cuda":
+        modes["compile + CUDA graphs"] = "reduce-overhead"
+    rows = []
+    for smooth in (False, True):
+        scores = make_scores(shape, smooth, device)
+        expected = sar_hf.spatial_entropy(scores, grid).item()
+        for name, mode in modes.items():
+            fn = lambda s: sar_hf.spatial_entropy(s, grid)  # noqa: E731
+            row = {"shape": list(shape), "scores": "smooth" if smooth else "noise", "variant": name}
+            try:
+                if mode is not None:
+                    torch._dynamo.reset()
+                    fn = torch.compile(fn, fullgraph=True, mode=mode)
+                first, loss = _time_loss(fn, scores, device)  # compiles
+                runs = [_time_loss(fn, scores, device)[0] for _ in range(repeats + 2)][2:]  # graphs recorded
+                row.update(first_call_s=first, ms=1e3 * statistics.median(runs), loss_rel_diff=abs(loss - expected))
+                row["loss_rel_diff"] /= max(abs(expected), 1e-12)
+            except Exception as error:  # reported, not fatal: this section documents what works
+                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            rows.append(row)
+    return rows
 
 
 def machine_info(device: str) -> dict:
@@ -175,6 +261,7 @@ def machine_info(device: str) -> dict:
         "torch": torch.__version__,
         "scipy": scipy.__version__,
         "numpy": np.__version__,
+        "reference_labeller": REFERENCE_LABELLER,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     if device == "cuda":
@@ -185,11 +272,22 @@ def machine_info(device: str) -> dict:
 
 def _row(r: dict) -> str:
     b, h, gh, gw = r["shape"]
+    syncs = "–" if r.get("host_syncs") is None else r["host_syncs"]
     return (
         f"| {b}×{h}, {gh}×{gw} | {r['scores']} | {r['mean_regions_per_map']:.1f} | {r['reference_ms']:.1f} "
         f"| {r['sar_hf_ms']:.2f} | **{r['speedup']:.1f}×** | {r['labels_scipy_ms']:.2f} "
-        f"| {r['labels_propagation_ms']:.2f} | {r['loss_rel_diff']:.0e} "
+        f"| {r['labels_propagation_ms']:.2f} | {r['loss_rel_diff']:.0e} | {syncs} "
         f"| {'–' if r['cpu_idle_before'] is None else format(r['cpu_idle_before'], '.0%')} |"
+    )
+
+
+def _compiled_row(r: dict) -> str:
+    b, h, gh, gw = r["shape"]
+    if "error" in r:
+        return f"| {b}×{h}, {gh}×{gw} | {r['scores']} | {r['variant']} | fails: {r['error']} | | |"
+    return (
+        f"| {b}×{h}, {gh}×{gw} | {r['scores']} | {r['variant']} | {r['ms']:.3f} | {r['first_call_s']:.1f} "
+        f"| {r['loss_rel_diff']:.0e} |"
     )
 
 
@@ -197,8 +295,8 @@ def to_markdown(results: dict) -> str:
     info = results["machine"]
     header = (
         "| B×heads, grid | scores | regions/map | reference (ms) | sar_hf (ms) | speedup "
-        "| labels scipy (ms) | labels propagation (ms) | loss rel. diff | CPU idle before |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| labels scipy (ms) | labels propagation (ms) | loss rel. diff | host syncs | CPU idle before |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [
         f"# `spatial_entropy` forward + backward, {results['device']}",
@@ -211,12 +309,14 @@ def to_markdown(results: dict) -> str:
         + " torch ops of sar_hf far more than the reference's small single-threaded ones).",
         "",
         f"Median of {results['repeats']} runs after one warm-up, the two implementations alternated in one "
-        "process. *reference*: a per-map loop shaped like the authors' release (one `scipy.ndimage.label` "
-        "per map, one dense boolean mask per region, torch sums); *sar_hf*: `sar_hf.spatial_entropy` "
-        "(the `auto` labelling: scipy on CPU tensors, propagation on GPUs). Float32 scores, 8-connectivity. "
-        "*noise*: standard normal scores (many small regions); *smooth*: the same scores blurred with a "
-        "Gaussian of σ = side/8 (a few blobs per map, like trained attention). The *labels* columns time "
-        "`sar_hf.connected_components` alone, for information.",
+        "process. *reference*: the structure of the authors' release (`BlobLoss`): the mean, mask and relu "
+        f"batched; each map labelled on the CPU by {info['reference_labeller']} in a Python loop; one dense "
+        "0/1 mask per region; one gathered batched sum. *sar_hf*: `sar_hf.spatial_entropy` (the `auto` "
+        "labelling: one `scipy.ndimage.label` call for all maps of a CPU tensor, propagation on GPUs). "
+        "Float32 scores, 8-connectivity. *noise*: standard normal scores (many small regions); *smooth*: "
+        "the same scores blurred with a Gaussian of σ = side/8 (a few blobs per map, like trained "
+        "attention). The *labels* columns time `sar_hf.connected_components` alone, for information; "
+        "*host syncs* counts the synchronisations of one sar_hf forward + backward on CUDA.",
         "",
         "## Listed shapes",
         "",
@@ -226,6 +326,20 @@ def to_markdown(results: dict) -> str:
     if results["sweep"]:
         b, h = SWEEP_BATCH
         lines += ["", f"## Grid side sweep at B×heads = {b}×{h}", "", header, *[_row(r) for r in results["sweep"]]]
+    if results.get("compiled"):
+        lines += [
+            "",
+            "## torch.compile and CUDA graphs",
+            "",
+            "`torch.compile(spatial_entropy, fullgraph=True)`, default mode and (CUDA) `reduce-overhead`, whose "
+            "CUDA graphs replay the whole forward and backward. Median forward + backward after the first call "
+            "(which compiles) and, for CUDA graphs, after the two calls that record them.",
+            "",
+            "| B×heads, grid | scores | variant | forward + backward (ms) | first call (s) "
+            "| loss rel. diff to eager |",
+            "|---|---|---|---:|---:|---:|",
+            *[_compiled_row(r) for r in results["compiled"]],
+        ]
     lines += ["", "## Summary", ""]
     for title, rows in (("listed shapes", results["shapes"]), ("sweep", results["sweep"])):
         for scores in ("noise", "smooth"):
@@ -236,24 +350,37 @@ def to_markdown(results: dict) -> str:
                 lines.append(
                     f"- {title}, {scores} scores: smallest speedup {worst['speedup']:.1f}× ({b}×{h}, {gh}×{gw})."
                 )
-    lines += [
-        "",
-        "The reference's time grows with the number of maps and regions (Python and autograd overhead per "
-        "region) and only a little with the grid, while sar_hf's grows with the number of pixels, mostly in "
-        "`scipy.ndimage.label` (the *labels scipy* column: the same labelling the reference does map by map). "
-        "The speedup therefore shrinks on large grids with few regions per map, the smooth 64×64 maps being "
-        "the hardest case.",
-        "",
-    ]
+    lines.append("")
     return "\n".join(lines)
+
+
+def _shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        b, h, gh, gw = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is BxHEADSxGHxGW, e.g. 64x6x14x14; got {text!r}") from None
+    return b, h, gh, gw
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per row (median reported)")
+    parser.add_argument(
+        "--shapes", type=_shape, nargs="+", default=None, help="B x heads x gh x gw (default: the listed shapes)"
+    )
     parser.add_argument("--no-smooth", action="store_true", help="only the random-normal scores")
     parser.add_argument("--no-sweep", action="store_true", help="skip the grid-side sweep")
+    default_compile = "x".join(map(str, COMPILE_SHAPE))
+    parser.add_argument(
+        "--compile",
+        type=_shape,
+        nargs="?",
+        const=COMPILE_SHAPE,
+        default=None,
+        metavar="SHAPE",
+        help=f"also time torch.compile (CUDA graphs too on CUDA) at SHAPE (default {default_compile})",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
         "--wait-quiet",
@@ -271,12 +398,13 @@ def main(argv=None) -> dict:
     variants = [False] if args.no_smooth else [False, True]
     results = {"device": args.device, "repeats": args.repeats, "machine": machine_info(args.device)}
     sweep = [] if args.no_sweep else [(*SWEEP_BATCH, side, side) for side in SWEEP_SIDES]
-    for key, shapes in (("shapes", SHAPES), ("sweep", sweep)):
+    for key, shapes in (("shapes", args.shapes or SHAPES), ("sweep", sweep)):
         results[key] = [
             bench_shape(shape, smooth, args.device, args.repeats, args.wait_quiet)
             for shape in shapes
             for smooth in variants
         ]
+    results["compiled"] = bench_compiled(args.compile, args.device, args.repeats) if args.compile else []
     results["machine"]["load_average_at_end"] = os.getloadavg()[0]
 
     markdown = to_markdown(results)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from sar_hf import connected_components
+from sar_hf import components, connected_components
 
 ALGORITHMS = ("scipy", "propagation")
 CONNECTIVITIES = (4, 8)
@@ -182,13 +182,115 @@ def test_region_counts_known_by_construction(algorithm):
     assert count(lines, 4) == lines.sum()
 
 
-def test_long_snake_needs_many_rounds():
-    # The worst case of label propagation: the minimum label must travel ~n/2 pixels.
-    mask = np.stack([snake(64, 64), snake(64, 64)[::-1, ::-1], spiral(64, 64)])
+# -- the most regions a grid can hold -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("connectivity", CONNECTIVITIES)
+@pytest.mark.parametrize("grid", [(1, 1), (1, 2), (1, 7), (2, 2), (2, 3), (3, 3), (2, 5), (3, 4), (1, 12), (4, 4)])
+def test_max_regions_is_reached_and_never_exceeded(grid, connectivity):
+    # Every mask of the grid, labelled by both algorithms: the bound that sizes the entropy's
+    # region slots is exact (proved in `max_regions` for every grid; checked here exhaustively).
+    n = grid[0] * grid[1]
+    bits = (np.arange(2**n)[:, None] >> np.arange(n)) & 1
+    mask = torch.from_numpy(bits.astype(bool).reshape(-1, *grid))
+    for algorithm in ALGORITHMS:
+        _, counts = connected_components(mask, connectivity, algorithm=algorithm, return_counts=True)
+        assert counts.max().item() == components.max_regions(*grid, connectivity)
+
+
+# -- the fixed round bound of propagation and its host reads ----------------------------------
+
+WORST = {"snake": snake, "snake reversed": lambda gh, gw: snake(gh, gw)[::-1, ::-1].copy(), "spiral": spiral}
+
+
+@pytest.fixture
+def rounds(monkeypatch):
+    """The `parent` forests at the start of every propagation round, in call order."""
+    seen = []
+    touching = components._touching_roots
+
+    def record(parent, *args):
+        seen.append(parent.clone())
+        return touching(parent, *args)
+
+    monkeypatch.setattr(components, "_touching_roots", record)
+    return seen
+
+
+@pytest.mark.parametrize("connectivity", CONNECTIVITIES)
+@pytest.mark.parametrize("grid", [(14, 14), (33, 31), (64, 64), (1, 64), (64, 1)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_worst_masks_are_exact_after_the_fixed_rounds(rounds, grid, connectivity):
+    mask = np.stack([maker(*grid) for maker in WORST.values()])
+    labels = connected_components(torch.from_numpy(mask), connectivity, algorithm="propagation")
+    assert_same_partition(labels, mask, connectivity)
+    assert labels.amax(dim=(1, 2)).tolist() == [1, 1, 1]
+    n = grid[0] * grid[1]
+    assert len(rounds) == components.propagation_rounds(n) == n.bit_length() - 1  # always the bound, no early exit
+
+
+def test_fewer_rounds_than_needed_are_caught(monkeypatch):
+    # The checks above can fail: cut to one round, propagation leaves these masks split.
+    monkeypatch.setattr(components, "propagation_rounds", lambda n: 1)
+    mask = np.stack([spiral(64, 64), random_mask(np.random.default_rng(5), (64, 64), 0.6)])
+    labels = connected_components(torch.from_numpy(mask), 8, algorithm="propagation")
+    with pytest.raises(AssertionError):
+        assert_same_partition(labels, mask, 8)
+
+
+@pytest.mark.parametrize("connectivity", CONNECTIVITIES)
+def test_every_round_at_least_halves_the_trees_of_each_component(rounds, connectivity):
+    # The lemma behind the bound: a component of t > 1 trees has at most t // 2 after a round.
+    rng = np.random.default_rng(6)
+    grid = (33, 31)
+    maps = [maker(*grid) for maker in (*WORST.values(), checkerboard, diagonals)]
+    maps += [random_mask(rng, grid, density) for density in (0.3, 0.5, 0.6, 0.8)]
+    mask = np.stack(maps)
+    connected_components(torch.from_numpy(mask), connectivity, algorithm="propagation")
+    regions = reference_labels(mask, connectivity).reshape(len(mask), -1)
+    fg = mask.reshape(len(mask), -1)
+    for i in range(len(mask)):
+        trees = [
+            [len(np.unique(parent[i].numpy()[fg[i] & (regions[i] == r)])) for r in range(1, regions[i].max() + 1)]
+            for parent in rounds
+        ]
+        for before, after in zip(trees, trees[1:], strict=False):
+            assert all(b == 1 and a == 1 or a <= b // 2 for b, a in zip(before, after, strict=True)), (i, trees)
+
+
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+
+
+def count_host_reads(monkeypatch) -> dict[str, int]:
+    """Counts, from now on, calls of the tensor methods (and `torch.equal`) that read values on the host.
+
+    On a GPU each of them is a synchronisation; on CPU tensors the count shows where they would be.
+    """
+    counts = dict.fromkeys((*HOST_READS, "equal"), 0)
+
+    def counted(name, original):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch, "equal", counted("equal", torch.equal))
+    return counts
+
+
+def test_propagation_never_reads_the_maps_on_the_host(monkeypatch):
+    host_reads = count_host_reads(monkeypatch)
+    mask = torch.from_numpy(
+        np.stack([spiral(33, 31), snake(33, 31), random_mask(np.random.default_rng(7), (33, 31), 0.6)])
+    )
     for connectivity in CONNECTIVITIES:
-        labels = connected_components(torch.from_numpy(mask), connectivity, algorithm="propagation")
-        assert_same_partition(labels, mask, connectivity)
-        assert labels.amax(dim=(1, 2)).tolist() == [1, 1, 1]
+        connected_components(mask, connectivity, algorithm="propagation", return_counts=True)
+    assert sum(host_reads.values()) == 0, host_reads
+    # The counter does see host reads: the scipy path copies the maps to the host once.
+    connected_components(mask, algorithm="scipy")
+    assert host_reads["numpy"] == 1 and sum(host_reads.values()) >= 1
 
 
 # -- properties --------------------------------------------------------------------------------
