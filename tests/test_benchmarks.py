@@ -29,17 +29,31 @@ def test_bench_loss_agrees_with_its_reference(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_bench_step_reports_time_and_memory_ratios(tmp_path):
-    tiny = ["--small-image", "16", "--small-hidden", "32", "--small-layers", "2", "--small-intermediate", "37"]
+def test_bench_step_reports_ratios_of_variants_that_really_differ(tmp_path, monkeypatch):
+    """Every model family on tiny shapes; the first step (same weights, same data) shows that the SAR
+    variants add a positive term to the plain loss, and that SDPA and eager capture agree on it."""
+    tiny = {"image_size": 16, "patch_size": 4, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+    monkeypatch.setattr(bench_step, "S16", {**tiny, "intermediate_size": 37, "num_labels": 10})
+    monkeypatch.setattr(
+        bench_step, "DINOV2_S14_REG4", {**tiny, "mlp_ratio": 1, "num_register_tokens": 4, "num_labels": 10}
+    )
+    small = ["--small-image", "16", "--small-hidden", "32", "--small-layers", "2", "--small-intermediate", "37"]
     stem = tmp_path / "bench_step"
-    bench_step.main(["--model", "small", "--repeats", "1", "--warmup", "0", "--small-batch", "4", *tiny,
-                     "--output", str(stem)])  # fmt: skip
+    common = ["--repeats", "1", "--warmup", "0", "--batch", "4", "--small-batch", "4", "--sar-weight", "0.5", *small]
+    bench_step.main([*common, "--no-memory", "--output", str(stem)])
     report = json.loads(stem.with_suffix(".json").read_text())
-    variants = report["results"]["small"]["variants"]
-    assert set(variants) == {"plain", "sar-fast", "generic"}
-    for summary in variants.values():
-        assert summary["time_ratio"] > 0 and summary["peak_ratio"] > 0
-    assert variants["plain"]["time_ratio"] == 1 and variants["plain"]["peak_ratio"] == 1
+    assert set(report["results"]) == {"vit_s16", "deit_s16", "dinov2_s14_reg4", "small"}
+    for name, result in report["results"].items():
+        variants = result["variants"]
+        assert set(variants) == {"plain", "sar", "sar-eager"}
+        assert variants["plain"]["time_ratio"] == 1 and all(v["time_ratio"] > 0 for v in variants.values())
+        plain, sar, eager = (variants[v]["first_step_loss"] for v in ("plain", "sar", "sar-eager"))
+        assert sar - plain > 1e-3, name  # 0.5 · spatial entropy: the SAR variants carry the term
+        assert eager == pytest.approx(sar, abs=1e-4), name
+    # Peak memory: one subprocess per variant, here for one model.
+    bench_step.main([*common, "--models", "deit_s16", "--output", str(stem)])
+    variants = json.loads(stem.with_suffix(".json").read_text())["results"]["deit_s16"]["variants"]
+    assert variants["plain"]["peak_ratio"] == 1 and all(v["peak_ratio"] > 0 for v in variants.values())
 
 
 @pytest.mark.slow
