@@ -339,3 +339,20 @@ def test_sar_trainer_needs_a_model_with_a_sar_loss(tmp_path):
 
     with pytest.raises(ValueError, match=r"SpatialEntropyLoss\(model\)"):
         SARTrainer(model=ViTForImageClassification(ViTConfig(**TINY)), args=make_args(tmp_path))
+
+
+def test_lora_model_trains_with_the_term_through_sar_trainer(tmp_path):
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(target_modules=["q_proj", "k_proj", "v_proj"], modules_to_save=["classifier"])
+    model = peft.get_peft_model(make_model(), lora)
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    trainer = SARTrainer(
+        model=model,
+        args=make_args(tmp_path, label_smoothing_factor=0.1),
+        train_dataset=TinyImages(),
+        callbacks=[SARCallback(schedule="constant")],
+    )
+    trainer.train()
+    logs = train_logs(trainer)
+    assert logs and all(entry["sar/entropy"] > 0 and entry["sar/weight"] == 0.5 for entry in logs)
+    assert all(not torch.equal(adapters[n], p) for n, p in model.named_parameters() if n in adapters)
