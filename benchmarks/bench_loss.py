@@ -183,7 +183,8 @@ def bench_shape(shape, smooth: bool, device: str, repeats: int, max_wait_s: floa
         if i:
             for key, t in zip(times, (t_ref, t_ours, t_scipy, t_prop), strict=True):
                 times[key].append(t)
-    regions = sar_hf.connected_components(mask.cpu(), 8).amax(dim=(-2, -1)).double()
+    labels = sar_hf.connected_components(mask.cpu(), 8, algorithm="scipy")
+    regions = labels.amax(dim=(-2, -1)).double()
     median = {key: statistics.median(values) for key, values in times.items()}
     return {
         "shape": list(shape),
@@ -194,6 +195,9 @@ def bench_shape(shape, smooth: bool, device: str, repeats: int, max_wait_s: floa
         "loss_rel_diff": abs(loss_ours - loss_ref) / max(abs(loss_ref), 1e-12),
         **{f"{key}_ms": 1e3 * value for key, value in median.items()},
         "speedup": median["reference"] / median["sar_hf"],
+        "propagation_equals_scipy": torch.equal(
+            sar_hf.connected_components(mask, 8, algorithm="propagation").cpu(), labels
+        ),
         "host_syncs": count_host_syncs(ours, scores) if device == "cuda" else None,
         "runs": repeats,
         "cpu_idle_before": idle,
@@ -276,7 +280,8 @@ def _row(r: dict) -> str:
     return (
         f"| {b}×{h}, {gh}×{gw} | {r['scores']} | {r['mean_regions_per_map']:.1f} | {r['reference_ms']:.1f} "
         f"| {r['sar_hf_ms']:.2f} | **{r['speedup']:.1f}×** | {r['labels_scipy_ms']:.2f} "
-        f"| {r['labels_propagation_ms']:.2f} | {r['loss_rel_diff']:.0e} | {syncs} "
+        f"| {r['labels_propagation_ms']:.2f} | {'yes' if r['propagation_equals_scipy'] else '**no**'} "
+        f"| {r['loss_rel_diff']:.0e} | {syncs} "
         f"| {'–' if r['cpu_idle_before'] is None else format(r['cpu_idle_before'], '.0%')} |"
     )
 
@@ -295,8 +300,9 @@ def to_markdown(results: dict) -> str:
     info = results["machine"]
     header = (
         "| B×heads, grid | scores | regions/map | reference (ms) | sar_hf (ms) | speedup "
-        "| labels scipy (ms) | labels propagation (ms) | loss rel. diff | host syncs | CPU idle before |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| labels scipy (ms) | labels propagation (ms) | propagation = scipy | loss rel. diff | host syncs "
+        "| CPU idle before |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
     )
     lines = [
         f"# `spatial_entropy` forward + backward, {results['device']}",
@@ -316,7 +322,8 @@ def to_markdown(results: dict) -> str:
         "Float32 scores, 8-connectivity. *noise*: standard normal scores (many small regions); *smooth*: "
         "the same scores blurred with a Gaussian of σ = side/8 (a few blobs per map, like trained "
         "attention). The *labels* columns time `sar_hf.connected_components` alone, for information; "
-        "*host syncs* counts the synchronisations of one sar_hf forward + backward on CUDA.",
+        "*propagation = scipy* checks that the two algorithms give identical labels; *host syncs* counts "
+        "the synchronisations of one sar_hf forward + backward on CUDA.",
         "",
         "## Listed shapes",
         "",

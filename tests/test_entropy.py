@@ -1,6 +1,9 @@
 """`sar_hf.spatial_entropy` against a slow float64 loop that follows SPEC steps 2-7 literally."""
 
+import json
 import math
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sar_hf import spatial_entropy
+from sar_hf import components, spatial_entropy
 
 EIGHT = scipy.ndimage.generate_binary_structure(2, 2)
 FOUR = scipy.ndimage.generate_binary_structure(2, 1)
@@ -314,6 +317,40 @@ def test_huge_scores_are_not_the_same_as_ties():
     assert spatial_entropy(s, (3, 3)).item() == pytest.approx(math.log(2), rel=1e-6)
 
 
+def test_gradient_of_a_rescaled_row_is_rescaled():
+    # Rows beyond 2**60 are scaled by a power of two inside; the backward must undo it exactly:
+    # H(c*s) = H(s) (up to the 1e-9), so dH/d(c*s) = dH/ds / c.
+    shape = (2, 3, 6, 6)
+    unit = scores_for(shape, dtype=torch.float64, seed=12)
+    grads = []
+    for scale in (1.0, 2.0**100, 1e250):
+        leaf = (unit * scale).requires_grad_()
+        spatial_entropy(leaf, shape[2:]).backward()
+        grads.append(leaf.grad * scale)
+    assert grads[0].abs().max() > 1e-3
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(grads[2], grads[0], rtol=1e-6, atol=1e-12)
+
+
+# -- region slots -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("grid", [(14, 14), (7, 13), (1, 9), (9, 1), (32, 32)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_as_many_regions_as_the_grid_holds(grid, connectivity):
+    # The fullest masks (isolated pixels on every other row and column; a checkerboard for
+    # 4-connectivity) fill every region slot: equal masses, so the entropy is log(regions).
+    gh, gw = grid
+    rows, cols = np.indices(grid)
+    peaks = (rows + cols) % 2 == 0 if connectivity == 4 else (rows % 2 == 0) & (cols % 2 == 0)
+    scores = torch.from_numpy(np.where(peaks, 1.0, 0.0).reshape(1, 1, -1))
+    regions = components.max_regions(gh, gw, connectivity)
+    assert reference_map(scores[0, 0].numpy(), grid, connectivity)[1] == regions
+    got = spatial_entropy(scores, grid, reduction="none", connectivity=connectivity)
+    assert got.item() == pytest.approx(math.log(regions), rel=1e-12, abs=1e-12)
+    assert_matches_reference(got, reference(scores, grid, connectivity), rtol=1e-10)
+
+
 # -- argument errors --------------------------------------------------------------------------
 
 
@@ -400,3 +437,63 @@ def test_property_finite_bounded_and_exact(batch):
     assert mean.item() == pytest.approx(got[finite].mean() if finite.any() else 0.0, rel=1e-5, abs=1e-7)
     mean.backward()
     assert torch.isfinite(leaf.grad.double()).all()
+
+
+# -- the benchmark's reference and the GPU script -----------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bench_loss(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_loss
+
+    return bench_loss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("smooth", [False, True], ids=["noise", "smooth"])
+@pytest.mark.parametrize("shape", [(4, 3, 14, 14), (2, 2, 7, 13), (2, 3, 32, 32)], ids=lambda s: "x".join(map(str, s)))
+def test_benchmark_reference_equals_spatial_entropy(bench_loss, shape, smooth):
+    # The authors' structure (per-map OpenCV or scipy labelling, dense region masks, one gathered
+    # sum) and sar_hf agree on the loss and its gradient; both against the float64 loop.
+    scores = bench_loss.make_scores(shape, smooth, "cpu", seed=sum(shape))
+    grads = []
+    for fn in (bench_loss.reference_spatial_entropy, spatial_entropy):
+        leaf = scores.clone().requires_grad_()
+        loss = fn(leaf, shape[2:])
+        loss.backward()
+        assert loss.item() == pytest.approx(reference(scores, shape[2:]).mean(), rel=1e-5)
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_on_the_cpu(tmp_path):
+    # benchmarks/run_gpu.sh on tiny settings, less the training-step part (tested with bench_step).
+    out = tmp_path / "results"
+    run = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "benchmarks" / "run_gpu.sh"),
+            "--device",
+            "cpu",
+            "--quick",
+            "--no-step",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    results = json.loads((out / "bench_loss_cpu.json").read_text())
+    assert [row["scores"] for row in results["shapes"]] == ["noise", "smooth"]
+    for row in results["shapes"]:
+        assert row["loss_rel_diff"] < 1e-5 and row["propagation_equals_scipy"] and row["speedup"] > 0
+    compiled = {(row["scores"], row["variant"]): row for row in results["compiled"]}
+    assert set(compiled) == {(scores, variant) for scores in ("noise", "smooth") for variant in ("eager", "compile")}
+    assert all("error" not in row and row["loss_rel_diff"] < 1e-5 for row in compiled.values())
+    assert "## torch.compile and CUDA graphs" in (out / "bench_loss_cpu.md").read_text()
