@@ -10,14 +10,15 @@
 #     "scikit-learn>=1.3",
 #     "pillow>=10.0",
 #     "matplotlib>=3.7",
+#     "kornia>=0.9",
 # ]
 # ///
-"""Train or fine-tune a ViT for image classification with the spatial-entropy regulariser (SAR).
+"""Train or fine-tune a ViT-family classifier with the spatial-entropy regulariser (SAR).
 
 Shaped like Transformers' `examples/pytorch/image-classification/run_image_classification.py`;
-the SAR parts are `SARViTForImageClassification`, `SARTrainer` and `SARCallback` from `sar_hf`
-(Peruzzo et al., *Spatial Entropy as an Inductive Bias for Vision Transformers*,
-https://arxiv.org/abs/2206.04636).
+the SAR parts are `SARViTForImageClassification` (or `SpatialEntropyLoss` for other ViT-family
+models), `SARTrainer` and `SARCallback` from `sar_hf` (Peruzzo et al., *Spatial Entropy as an
+Inductive Bias for Vision Transformers*, https://arxiv.org/abs/2206.04636).
 
 With no arguments it trains the `small` preset (a ViT of 4 layers, 192 wide, 4 heads, on 32 px
 images cut into an 8x8 grid of patches; 1.2M parameters) from scratch for 30 epochs on
@@ -30,7 +31,10 @@ about 5 minutes and reaches about 98% test accuracy:
     python examples/run_sar.py --train_fraction 0.25 --output_dir outputs/sar-digits-25pc  # small data
     python examples/run_sar.py my_run.json                        # every argument from a JSON file
 
-Fine-tune a checkpoint on your images (one subfolder per class), or on a dataset of the Hub:
+Fine-tune a checkpoint on your images (one subfolder per class), or on a dataset of the Hub. A ViT
+checkpoint becomes a `SARViTForImageClassification`; a DeiT, DINOv2 (with or without registers),
+BEiT or other ViT-family checkpoint keeps its own class (and the saved model loads with plain
+Transformers), with `SpatialEntropyLoss` attached:
 
     python examples/run_sar.py --model_name_or_path google/vit-base-patch16-224-in21k \\
         --train_dir path/to/train --validation_dir path/to/val \\
@@ -38,8 +42,11 @@ Fine-tune a checkpoint on your images (one subfolder per class), or on a dataset
     python examples/run_sar.py --model_name_or_path google/vit-base-patch16-224 --ignore_mismatched_sizes \\
         --dataset_name uoft-cs/cifar10 --image_column_name img --label_column_name label \\
         --learning_rate 5e-5 --output_dir outputs/cifar10-sar
+    python examples/run_sar.py --model_name_or_path facebook/deit-small-patch16-224 --ignore_mismatched_sizes \\
+        --train_dir path/to/train --learning_rate 5e-5 --output_dir outputs/deit-sar
 
-On GPUs (mixed precision is Accelerate's: `--bf16` or `--fp16`), or as two real processes on a CPU:
+On GPUs (mixed precision is Accelerate's: `--bf16` or `--fp16`; the log states the precision in use,
+and on a CPU Accelerate runs `--fp16` in float32), or as two real processes on a CPU:
 
     accelerate launch --config_file examples/accelerate_configs/single_gpu.yaml examples/run_sar.py --bf16
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/run_sar.py --bf16 \\
@@ -63,10 +70,39 @@ above 5 classes, `*_sar/entropy`), `trainer_state.json` (with the `sar/*` traini
 model card `README.md`, and `attention_maps.png` (the [CLS] attention maps of a few test images).
 Load the model with `import sar_hf` and the Auto classes or `pipeline("image-classification")`.
 
-Augmentation is a mild random resized crop (area 70-100%) plus, except on the digits (a flipped
-digit is another symbol), a horizontal flip; done with PIL and torch, since torchvision does not
-install beside every torch build. The DeiT recipe's RandAugment, mixup, cutmix and random erasing
-are left out: the library that provides them (timm) needs torchvision.
+Evaluation, and the image processor saved with the model, convert every image to RGB (grayscale,
+palette and RGBA images alike) and resize it as the processor does: the evaluation transform *is*
+the saved processor, so `pipeline` and `AutoImageProcessor` see what evaluation saw.
+
+Augmentation (training only) is by default a mild random resized crop (area 70-100%) plus, except
+on the digits (a flipped digit is another symbol), a horizontal flip, with PIL and torch. DeiT's
+recipe adds, each off by default, with kornia (timm needs torchvision, which does not install
+beside every torch build; see `sar_hf/augmentation.py` for where kornia's versions differ):
+
+    --randaugment_ops N --randaugment_magnitude M --randaugment_magnitude_std S
+        RandAugment: N operations per batch of images, each applied to an image with probability 0.5,
+        at magnitude M on timm's 0-10 scale, drawn per batch with standard deviation S.
+    --random_erasing_prob P      erase a random box (2-33% of the area) of an image with probability P.
+    --mixup_alpha A, --cutmix_alpha A, --mixup_switch_prob P
+        mix each training batch on its device: mixup with λ ~ Beta(A, A), cutmix with a box of
+        1 − λ of the area, cutmix with probability P when both are on. The model sees the mixed
+        images; the loss is the cross-entropy against soft targets (with --label_smoothing_factor
+        folded in) plus λ·spatial entropy of the mixed images.
+    --label_smoothing_factor E   Trainer's own label smoothing.
+
+`--recipe deit` sets DeiT's values (Touvron et al., https://arxiv.org/abs/2012.12877) in one go:
+RandAugment 2 operations at magnitude 9 with std 0.5; mixup 0.8, cutmix 1.0, switch probability
+0.5; random erasing 0.25; label smoothing 0.1; AdamW (Trainer's default optimizer) with learning
+rate 5e-4 × global batch / 512, weight decay 0.05, 5 warm-up epochs (`--warmup_epochs`) and cosine
+decay. A flag given explicitly wins over the recipe:
+
+    python examples/run_sar.py --recipe deit --output_dir outputs/sar-digits-deit
+    python examples/run_sar.py --recipe deit --mixup_alpha 0 --learning_rate 1e-3 ...
+
+Left out of DeiT's recipe: stochastic depth (Transformers' ViT has no drop path); repeated
+augmentation (DeiT's distributed sampler shows each image three times per batch, augmented apart,
+across the GPUs; Trainer's samplers have no such mode); and the EMA of the weights (Trainer keeps
+none; DeiT reports small gains that vanish after fine-tuning). Evaluation is never augmented.
 """
 
 import logging
@@ -78,15 +114,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import transformers
+from accelerate.utils import DistributedType
 from transformers import (
     AutoConfig,
+    AutoModelForImageClassification,
     HfArgumentParser,
     TrainingArguments,
     set_seed,
 )
 
-from sar_hf import SARCallback, SARTrainer, SARViTConfig, SARViTForImageClassification
-from sar_hf.callbacks import SCHEDULES
+from sar_hf import SARCallback, SARTrainer, SARViTConfig, SARViTForImageClassification, SpatialEntropyLoss
+from sar_hf.augmentation import (
+    RANDAUGMENT_MAX_MAGNITUDE,
+    RANDAUGMENT_OPERATIONS,
+    MixupCutmix,
+    TrainImageTransform,
+)
+from sar_hf.callbacks import GRANULARITIES, SCHEDULES
 from sar_hf.checkpoints import is_complete_checkpoint, last_complete_checkpoint
 from sar_hf.data import (
     ImageTransform,
@@ -142,6 +186,28 @@ TRAINING_DEFAULTS = {
     "remove_unused_columns": False,  # the transforms need the image column
     "seed": 42,
 }
+#: Named sets of flag values (`--recipe`); a flag given explicitly wins. "deit" is the recipe of DeiT
+#: (https://arxiv.org/abs/2012.12877, Table 9), which the SAR paper trains with; its learning rate
+#: scales with the global batch (RECIPE_LEARNING_RATE_PER_IMAGE).
+RECIPES = {
+    "deit": {
+        "randaugment_ops": 2,
+        "randaugment_magnitude": 9.0,
+        "randaugment_magnitude_std": 0.5,
+        "mixup_alpha": 0.8,
+        "cutmix_alpha": 1.0,
+        "mixup_switch_prob": 0.5,
+        "random_erasing_prob": 0.25,
+        "label_smoothing_factor": 0.1,
+        "weight_decay": 0.05,
+        "lr_scheduler_type": "cosine",
+        "warmup_epochs": 5.0,
+    }
+}
+#: DeiT's linear scaling rule: a learning rate of 5e-4 for a global batch of 512 images.
+RECIPE_LEARNING_RATE_PER_IMAGE = {"deit": 5e-4 / 512}
+#: Models that become a SARViTForImageClassification; any other ViT-family model keeps its own class.
+VIT_MODEL_TYPES = ("vit", SARViTConfig.model_type)
 DEFAULT_OUTPUT_DIRS = ("outputs/sar-digits", "outputs/sar-vit")  # bundled digits / user data
 DIGITS = "scikit-learn digits"
 _TRUE = ("true", "last", "auto", "1", "yes")
@@ -155,9 +221,10 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "A ViT checkpoint to fine-tune: a local folder or a Hub id (e.g. "
-            "google/vit-base-patch16-224-in21k). Any ViT checkpoint loads into SARViTForImageClassification. "
-            "Leave it out to train --model_preset from scratch."
+            "help": "A checkpoint to fine-tune: a local folder or a Hub id (e.g. google/vit-base-patch16-224-in21k). "
+            "A ViT checkpoint loads into SARViTForImageClassification; a DeiT, DINOv2, BEiT or other ViT-family "
+            "checkpoint keeps its own class, with SpatialEntropyLoss attached. Leave it out to train "
+            "--model_preset from scratch."
         },
     )
     model_preset: str = field(
@@ -288,6 +355,45 @@ class DataTrainingArguments:
         default=0.7,
         metadata={"help": "Smallest area fraction of the random resized crops (torchvision's default is 0.08)."},
     )
+    randaugment_ops: int = field(
+        default=0,
+        metadata={
+            "help": "RandAugment (kornia's): this many random operations per batch of training images, each applied "
+            "to an image with probability 0.5. 0: off; DeiT: 2."
+        },
+    )
+    randaugment_magnitude: float = field(
+        default=9.0, metadata={"help": "RandAugment's strength on timm's scale, 0 to 10 (DeiT: 9)."}
+    )
+    randaugment_magnitude_std: float = field(
+        default=0.0,
+        metadata={"help": "Standard deviation of RandAugment's magnitude, drawn per batch (DeiT: 0.5)."},
+    )
+    random_erasing_prob: float = field(
+        default=0.0,
+        metadata={
+            "help": "Probability that a training image has a random box (2-33%% of its area) set to the mean colour. "
+            "0: off; DeiT: 0.25."
+        },
+    )
+    mixup_alpha: float = field(
+        default=0.0,
+        metadata={
+            "help": "Mixup: mix each training batch with λ ~ Beta(alpha, alpha), on its device, and train on soft "
+            "targets. 0: off; DeiT: 0.8."
+        },
+    )
+    cutmix_alpha: float = field(
+        default=0.0,
+        metadata={
+            "help": "Cutmix: paste a box of 1 − λ of the area, λ ~ Beta(alpha, alpha), from another image of the "
+            "batch, and train on soft targets. 0: off; DeiT: 1.0."
+        },
+    )
+    mixup_switch_prob: float = field(
+        default=0.5,
+        metadata={"help": "With both mixup and cutmix on, the probability that a batch gets cutmix (DeiT: 0.5)."},
+    )
     attention_figure_images: int = field(
         default=8,
         metadata={"help": "Draw the [CLS] attention maps of this many test images into attention_maps.png (0: none)."},
@@ -309,6 +415,24 @@ class DataTrainingArguments:
             raise ValueError(f"--crop_scale_min must be in (0, 1], got {self.crop_scale_min}.")
         if self.attention_figure_images < 0:
             raise ValueError(f"--attention_figure_images must be >= 0, got {self.attention_figure_images}.")
+        if not 0 <= self.randaugment_ops <= RANDAUGMENT_OPERATIONS:
+            raise ValueError(
+                f"--randaugment_ops must be in [0, {RANDAUGMENT_OPERATIONS}], got {self.randaugment_ops}."
+            )
+        if not 0 <= self.randaugment_magnitude <= RANDAUGMENT_MAX_MAGNITUDE:
+            raise ValueError(f"--randaugment_magnitude must be in [0, 10], got {self.randaugment_magnitude}.")
+        if not self.randaugment_magnitude_std >= 0:
+            raise ValueError(f"--randaugment_magnitude_std must be >= 0, got {self.randaugment_magnitude_std}.")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"--{name} must be a finite number >= 0, got {getattr(self, name)}.")
+        for name in ("random_erasing_prob", "mixup_switch_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"--{name} must be a probability in [0, 1], got {getattr(self, name)}.")
+
+    @property
+    def mixes_batches(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
     @property
     def uses_digits(self) -> bool:
@@ -339,10 +463,11 @@ class SARArguments:
         metadata={"help": "Epochs of λ warm-up. Defaults to a tenth of the run (the paper: 10 of 100 epochs)."},
     )
     sar_granularity: str = field(
-        default="epoch",
+        default="auto",
         metadata={
-            "help": "Change λ once per epoch (the authors' release) or at every optimizer step.",
-            "choices": ["epoch", "step"],
+            "help": "Change λ once per epoch (the authors' release) or at every optimizer step; auto: per epoch in "
+            "runs of 10 epochs or more, per step in shorter ones (so that λ > 0 on almost every step).",
+            "choices": list(GRANULARITIES),
         },
     )
     sar_layer: int = field(
@@ -361,32 +486,90 @@ class SARArguments:
             raise ValueError(f"--sar_weight must be a finite number >= 0, got {self.sar_weight}.")
         if self.sar_schedule not in SCHEDULES:
             raise ValueError(f"--sar_schedule must be one of {list(SCHEDULES)}, got {self.sar_schedule!r}.")
-        if self.sar_granularity not in ("epoch", "step"):
-            raise ValueError(f"--sar_granularity must be 'epoch' or 'step', got {self.sar_granularity!r}.")
+        if self.sar_granularity not in GRANULARITIES:
+            raise ValueError(f"--sar_granularity must be one of {list(GRANULARITIES)}, got {self.sar_granularity!r}.")
         if self.sar_warmup_epochs is not None and not self.sar_warmup_epochs >= 0:
             raise ValueError(f"--sar_warmup_epochs must be >= 0, got {self.sar_warmup_epochs}.")
 
 
-def parse_args(args: list[str] | None = None):
-    """`(model_args, data_args, sar_args, training_args)` from a command line, or from one `.json` file.
+@dataclass
+class RecipeArguments:
+    """A training recipe (a named set of values for the other flags), and the learning-rate warm-up in epochs."""
 
-    The script's defaults (`TRAINING_DEFAULTS`, and `--output_dir` outputs/sar-digits for the
-    bundled digits, outputs/sar-vit otherwise) apply wherever the arguments leave a value out.
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "Set the flags of a published recipe at once; a flag given explicitly wins. deit: RandAugment "
+            "(2 operations, magnitude 9, std 0.5), mixup 0.8, cutmix 1.0 (switch probability 0.5), random erasing "
+            "0.25, label smoothing 0.1, AdamW with learning rate 5e-4 * global batch / 512, weight decay 0.05, "
+            "5 warm-up epochs and cosine decay.",
+            "choices": list(RECIPES),
+        },
+    )
+    warmup_epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning-rate warm-up in epochs, turned into optimizer steps once the size of the training set "
+            "is known; replaces --warmup_steps (DeiT: 5)."
+        },
+    )
+
+    def __post_init__(self):
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise ValueError(f"--recipe must be one of {list(RECIPES)}, got {self.recipe!r}.")
+        if self.warmup_epochs is not None and not self.warmup_epochs >= 0:
+            raise ValueError(f"--warmup_epochs must be >= 0, got {self.warmup_epochs}.")
+
+
+def parse_args(args: list[str] | None = None):
+    """`(model_args, data_args, sar_args, recipe_args, training_args)` from a command line, or from one `.json` file.
+
+    Each value comes from, in order of precedence: the arguments; the `--recipe`; the script's
+    defaults (`TRAINING_DEFAULTS`, and `--output_dir` outputs/sar-digits for the bundled digits,
+    outputs/sar-vit otherwise); the dataclasses' defaults.
     """
+    import argparse
     import json
 
     args = sys.argv[1:] if args is None else list(args)
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, SARArguments, TrainingArguments))
-    if len(args) == 1 and args[0].endswith(".json"):
+    parser = HfArgumentParser(
+        (ModelArguments, DataTrainingArguments, SARArguments, RecipeArguments, TrainingArguments)
+    )
+    from_json = len(args) == 1 and args[0].endswith(".json")
+    if from_json:
         with open(os.path.abspath(args[0]), encoding="utf-8") as file:
             values = json.load(file)
-        own_data = any(values.get(key) is not None for key in ("dataset_name", "train_dir", "validation_dir"))
-        values = {"output_dir": DEFAULT_OUTPUT_DIRS[own_data], **TRAINING_DEFAULTS, **values}
-        return parser.parse_dict(values)
-    given = {arg.split("=", 1)[0] for arg in args if arg.startswith("--")}
-    own_data = bool(given & {"--dataset_name", "--train_dir", "--validation_dir"})
-    parser.set_defaults(output_dir=DEFAULT_OUTPUT_DIRS[own_data], **TRAINING_DEFAULTS)
-    return parser.parse_args_into_dataclasses(args=args)
+        given = {key for key, value in values.items() if value is not None}
+        recipe = values.get("recipe")
+    else:
+        # `--flag`, `--flag=value` and `--flag-name` spellings, as HfArgumentParser accepts them.
+        given = {arg.split("=", 1)[0][2:].replace("-", "_") for arg in args if arg.startswith("--")}
+        recipe_parser = argparse.ArgumentParser(add_help=False)
+        recipe_parser.add_argument("--recipe")
+        recipe = recipe_parser.parse_known_args(args)[0].recipe
+    own_data = bool(given & {"dataset_name", "train_dir", "validation_dir"})
+    defaults = {"output_dir": DEFAULT_OUTPUT_DIRS[own_data], **TRAINING_DEFAULTS}
+    if recipe in RECIPES:  # another value fails RecipeArguments' check
+        # An explicit --warmup_steps wins over the recipe's warm-up in epochs.
+        defaults.update(
+            {k: v for k, v in RECIPES[recipe].items() if not (k == "warmup_epochs" and "warmup_steps" in given)}
+        )
+    if from_json:
+        parsed = parser.parse_dict({**defaults, **values})
+    else:
+        parser.set_defaults(**defaults)
+        parsed = parser.parse_args_into_dataclasses(args=args)
+    training_args = parsed[-1]
+    if {"warmup_epochs", "warmup_steps"} <= given:
+        raise ValueError("--warmup_epochs and --warmup_steps both set the learning-rate warm-up; give one of them.")
+    if not 0 <= training_args.label_smoothing_factor <= 1:
+        raise ValueError(f"--label_smoothing_factor must be in [0, 1], got {training_args.label_smoothing_factor}.")
+    if recipe in RECIPES and "learning_rate" not in given:
+        batch = training_args.per_device_train_batch_size * training_args.world_size
+        training_args.learning_rate = (
+            RECIPE_LEARNING_RATE_PER_IMAGE[recipe] * batch * training_args.gradient_accumulation_steps
+        )
+    return parsed
 
 
 def load_data(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments):
@@ -450,49 +633,58 @@ def load_data(model_args: ModelArguments, data_args: DataTrainingArguments, trai
 
 
 def build_model(model_args: ModelArguments, sar_args: SARArguments, labels: list[str]):
-    """`(model, image_processor)`: the checkpoint fine-tuned, or the preset from scratch."""
+    """`(model, image_processor)`: the checkpoint fine-tuned, or the preset from scratch.
+
+    A ViT checkpoint (or a preset) becomes a `SARViTForImageClassification`; any other ViT-family
+    checkpoint keeps the class that the Auto classes give it, with a `SpatialEntropyLoss` attached
+    (`model.sar_loss`), so that the saved model is that class's own checkpoint. The image processor
+    converts every image to RGB (`do_convert_rgb`), as training does.
+    """
     id2label = dict(enumerate(labels))
     label2id = {name: i for i, name in id2label.items()}
-    sar = dict(
-        sar_weight=sar_args.sar_weight,
-        sar_layer=sar_args.sar_layer,
-        sar_no_skip_no_norm=sar_args.sar_no_skip_no_norm,
-    )
+    sar = dict(sar_weight=sar_args.sar_weight, sar_layer=sar_args.sar_layer)
     if model_args.model_name_or_path is not None:
         hub = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token)
         path = model_args.model_name_or_path
-        old = AutoConfig.from_pretrained(path, **hub).num_labels
-        if old != len(labels):
+        config = AutoConfig.from_pretrained(path, **hub)
+        if config.num_labels != len(labels):
             if not model_args.ignore_mismatched_sizes:
                 raise ValueError(
-                    f"{path} classifies {old} classes and the data has {len(labels)}; pass --ignore_mismatched_sizes "
-                    "to train a new classifier head on top of its other weights."
+                    f"{path} classifies {config.num_labels} classes and the data has {len(labels)}; pass "
+                    "--ignore_mismatched_sizes to train a new classifier head on top of its other weights."
                 )
             logger.warning(
                 "--ignore_mismatched_sizes: the classifier of %s has %d outputs and the data %d classes; the "
                 "classifier is initialised anew, every other weight comes from the checkpoint.",
                 path,
-                old,
+                config.num_labels,
                 len(labels),
             )
         # `num_labels` follows from id2label; passing both makes Transformers warn about the old head.
-        model = SARViTForImageClassification.from_pretrained(
-            path,
-            id2label=id2label,
-            label2id=label2id,
-            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-            **sar,
-            **hub,
+        common = dict(
+            id2label=id2label, label2id=label2id, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub
         )
+        if config.model_type in VIT_MODEL_TYPES:
+            model = SARViTForImageClassification.from_pretrained(
+                path, sar_no_skip_no_norm=sar_args.sar_no_skip_no_norm, **sar, **common
+            )
+        else:
+            if sar_args.sar_no_skip_no_norm:
+                raise ValueError(
+                    f"--sar_no_skip_no_norm rebuilds the last block of a ViT (SARViTForImageClassification); {path} "
+                    f"is a {config.model_type!r} model, which keeps its own blocks. Leave the flag out."
+                )
+            model = AutoModelForImageClassification.from_pretrained(path, **common)
+            SpatialEntropyLoss(model, **sar)  # attaches itself as `model.sar_loss`
         try:
             processor = load_image_processor(model_args.image_processor_name or path, **hub)
         except OSError:
             if model_args.image_processor_name is not None:
                 raise
-            logger.warning(
-                "%s has no image processor; using a ViTImageProcessor for its %s px.", path, model.config.image_size
-            )
-            processor = _vit_image_processor(model.config.image_size)
+            size = _vision_config(model.config).image_size
+            logger.warning("%s has no image processor; using a ViTImageProcessor for its %s px.", path, size)
+            processor = _vit_image_processor(size)
+        processor.do_convert_rgb = True  # grayscale, palette and RGBA images, as in training
         return model, processor
 
     preset = dict(MODEL_PRESETS[model_args.model_preset])
@@ -505,17 +697,24 @@ def build_model(model_args: ModelArguments, sar_args: SARArguments, labels: list
         attention_probs_dropout_prob=0.0,
         id2label=id2label,
         label2id=label2id,
+        sar_no_skip_no_norm=sar_args.sar_no_skip_no_norm,
         **sar,
     )
     if model_args.image_processor_name is not None:
         processor = load_image_processor(model_args.image_processor_name, cache_dir=model_args.cache_dir)
+        processor.do_convert_rgb = True
     else:
         processor = _vit_image_processor(config.image_size)
     return SARViTForImageClassification(config), processor
 
 
+def _vision_config(config):
+    """The config that holds `image_size` and `patch_size` (CLIP keeps them in its vision config)."""
+    return getattr(config, "vision_config", config)
+
+
 def _vit_image_processor(image_size: int):
-    return vit_image_processor_class()(size={"height": image_size, "width": image_size})
+    return vit_image_processor_class()(size={"height": image_size, "width": image_size}, do_convert_rgb=True)
 
 
 def resolve_checkpoint(model_args: ModelArguments, training_args: TrainingArguments) -> str | None:
@@ -557,16 +756,43 @@ def resolve_checkpoint(model_args: ModelArguments, training_args: TrainingArgume
     return last
 
 
-def sar_warmup_epochs(sar_args: SARArguments, training_args: TrainingArguments, train_size: int) -> float:
-    """`--sar_warmup_epochs`, or a tenth of the run's epochs (the paper's 10 of 100)."""
-    if sar_args.sar_warmup_epochs is not None:
-        return sar_args.sar_warmup_epochs
-    epochs = training_args.num_train_epochs
-    if training_args.max_steps > 0:
-        batches = math.ceil(train_size / (training_args.per_device_train_batch_size * training_args.world_size))
-        steps_per_epoch = max(batches // training_args.gradient_accumulation_steps, 1)
-        epochs = math.ceil(training_args.max_steps / steps_per_epoch)
-    return 0.1 * epochs
+def steps_per_epoch(training_args: TrainingArguments, train_size: int) -> int:
+    """Optimizer steps in one epoch over `train_size` images (at least 1), as Trainer counts them."""
+    batches = math.ceil(train_size / (training_args.per_device_train_batch_size * training_args.world_size))
+    return max(batches // training_args.gradient_accumulation_steps, 1)
+
+
+def precision_in_use(accelerator) -> str:
+    """The mixed precision that Accelerate applies: `--fp16` on a CPU, for one, runs in float32."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return "as the DeepSpeed config sets it"
+    return accelerator.mixed_precision if accelerator.native_amp else "no (float32)"
+
+
+class MixingTrainer(SARTrainer):
+    """[`SARTrainer`] that mixes every training batch (mixup or cutmix) on the device, before Trainer counts it.
+
+    Trainer draws the batches of an optimizer step in `get_batch_samples`, already on the device
+    (Accelerate places them there), and counts their labels to normalise the loss under gradient
+    accumulation. Mixing them there lets the model see the mixed images and Trainer count the soft
+    targets `[B, classes]` as it counts any labels; the loss is `compute_loss_func` (a soft-target
+    cross-entropy) plus the SAR term that [`SARTrainer`] adds. Evaluation batches never come here.
+
+    Args:
+        batch_mix ([`MixupCutmix`]): `(pixel_values, labels) -> (mixed pixel_values, soft targets)`.
+    """
+
+    def __init__(self, *args, batch_mix: MixupCutmix, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batch_mix = batch_mix
+
+    def _mix(self, batch: dict) -> dict:
+        pixel_values, labels = (batch[key].to(self.args.device) for key in ("pixel_values", "labels"))
+        pixel_values, labels = self.batch_mix(pixel_values, labels)
+        return {**batch, "pixel_values": pixel_values, "labels": labels}
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        return super().get_batch_samples(map(self._mix, epoch_iterator), num_batches, device)
 
 
 def figure_images(split, image_column: str, label_column: str, count: int) -> list:
@@ -580,7 +806,7 @@ def figure_images(split, image_column: str, label_column: str, count: int) -> li
 
 def main(args: list[str] | None = None) -> dict:
     """Runs the script on `args` (default: the command line) and returns all the metrics it saved."""
-    model_args, data_args, sar_args, training_args = parse_args(args)
+    model_args, data_args, sar_args, recipe_args, training_args = parse_args(args)
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -595,15 +821,6 @@ def main(args: list[str] | None = None) -> dict:
     script_level = logging.INFO if training_args.should_log and training_args.log_level == "passive" else log_level
     for name in (__name__, "sar_hf"):
         logging.getLogger(name).setLevel(script_level)
-    logger.warning(
-        "Process rank: %s, device: %s, world size: %s, distributed: %s, mixed precision: %s",
-        training_args.process_index,
-        training_args.device,
-        training_args.world_size,
-        training_args.parallel_mode.value,
-        "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "no",
-    )
-
     checkpoint = resolve_checkpoint(model_args, training_args)
     with training_args.main_process_first(desc="loading and checking the dataset"):
         dataset, skipped = load_data(model_args, data_args, training_args)
@@ -618,51 +835,71 @@ def main(args: list[str] | None = None) -> dict:
 
     set_seed(training_args.seed)
     model, processor = build_model(model_args, sar_args, labels)
+    vision = _vision_config(model.config)
     logger.info(
-        "Model: %s, %.2fM parameters, %s px images, %s px patches",
+        "Model: %s (%s), %.2fM parameters, %s px images, %s px patches",
         model_args.model_name_or_path or f"preset {model_args.model_preset!r}",
+        type(model).__name__,
         model.num_parameters() / 1e6,
-        model.config.image_size,
-        model.config.patch_size,
+        vision.image_size,
+        vision.patch_size,
     )
 
-    size = processor_size(processor)
-    hflip = data_args.hflip if data_args.hflip is not None else not data_args.uses_digits
-    train_transform = ImageTransform(
-        size,
-        processor.image_mean,
-        processor.image_std,
-        augment=data_args.augment,
-        hflip=hflip,
-        crop_scale=(data_args.crop_scale_min, 1.0),
-    )
-    eval_transform = ImageTransform(size, processor.image_mean, processor.image_std)
     figure_split = dataset.get("test", dataset.get("validation", dataset["train"]))
     pictures = []
     if data_args.attention_figure_images and training_args.should_save:
         pictures = figure_images(figure_split, image_col, label_col, data_args.attention_figure_images)
 
+    # Training: crops and flips per image, then RandAugment and random erasing on the batch that the
+    # loader fetches (datasets hands the transform a whole batch). Evaluation: the image processor
+    # itself, i.e. exactly what the saved processor does at inference.
+    image_transform = ImageTransform(
+        processor_size(processor),
+        processor.image_mean,
+        processor.image_std,
+        augment=data_args.augment,
+        hflip=data_args.hflip if data_args.hflip is not None else not data_args.uses_digits,
+        crop_scale=(data_args.crop_scale_min, 1.0),
+        resample=getattr(processor, "resample", None),
+    )
+    train_images = TrainImageTransform(
+        image_transform,
+        randaugment_ops=data_args.randaugment_ops,
+        randaugment_magnitude=data_args.randaugment_magnitude,
+        randaugment_magnitude_std=data_args.randaugment_magnitude_std,
+        random_erasing_prob=data_args.random_erasing_prob,
+    )
+
+    def eval_images(images):
+        return processor(images=images, return_tensors="pt")["pixel_values"]
+
     def transforms(transform):
         def apply(batch):
-            return {
-                "pixel_values": [transform(image) for image in batch[image_col]],
-                "labels": batch[label_col],
-            }
+            return {"pixel_values": transform(batch[image_col]), "labels": batch[label_col]}
 
         return apply
 
-    dataset["train"].set_transform(transforms(train_transform))
+    dataset["train"].set_transform(transforms(train_images))
     for name in ("validation", "test"):
         if name in dataset:
-            dataset[name].set_transform(transforms(eval_transform))
+            dataset[name].set_transform(transforms(eval_images))
+
+    if recipe_args.warmup_epochs is not None:
+        epoch_steps = steps_per_epoch(training_args, len(dataset["train"]))
+        training_args.warmup_steps = round(recipe_args.warmup_epochs * epoch_steps)
+        logger.info(
+            "Learning-rate warm-up: %s epochs = %d optimizer steps",
+            recipe_args.warmup_epochs,
+            training_args.warmup_steps,
+        )
 
     callback = SARCallback(
         sar_weight=sar_args.sar_weight,
         schedule=sar_args.sar_schedule,
-        warmup_epochs=sar_warmup_epochs(sar_args, training_args, len(dataset["train"])),
+        warmup_epochs=sar_args.sar_warmup_epochs,
         granularity=sar_args.sar_granularity,
     )
-    trainer = SARTrainer(
+    trainer_kwargs = dict(
         model=model,
         args=training_args,
         train_dataset=dataset["train"] if training_args.do_train else None,
@@ -672,6 +909,31 @@ def main(args: list[str] | None = None) -> dict:
         data_collator=collate_fn,
         callbacks=[callback],
     )
+    if data_args.mixes_batches:
+        batch_mix = MixupCutmix(
+            len(labels),
+            mixup_alpha=data_args.mixup_alpha,
+            cutmix_alpha=data_args.cutmix_alpha,
+            switch_prob=data_args.mixup_switch_prob,
+            label_smoothing=training_args.label_smoothing_factor,
+        )
+        # The model's SAR loss is also a cross-entropy against soft targets (smoothing is folded into
+        # them, so Trainer's own label smoother, which would smooth them again, is not used).
+        trainer = MixingTrainer(batch_mix=batch_mix, compute_loss_func=model.sar_loss, **trainer_kwargs)
+    else:
+        trainer = SARTrainer(**trainer_kwargs)
+    precision = precision_in_use(trainer.accelerator)
+    logger.warning(
+        "Process rank: %s, device: %s, world size: %s, distributed: %s, mixed precision: %s",
+        training_args.process_index,
+        training_args.device,
+        training_args.world_size,
+        training_args.parallel_mode.value,
+        precision,
+    )
+    requested = "fp16" if training_args.fp16 else "bf16" if training_args.bf16 else None
+    if requested and precision == "no (float32)":
+        logger.warning("--%s was given, but Accelerate runs float32 on %s.", requested, training_args.device)
 
     results = {}
     if training_args.do_train:

@@ -3,10 +3,12 @@
 Everything here runs offline. `load_digits_dataset` builds a real dataset (scikit-learn's
 handwritten digits) with a fixed held-out test split; the `check_*` helpers turn the usual ways a
 dataset can be wrong (a missing column, an empty folder, a single class, bad labels, an unreadable
-image) into a `ValueError` that names the problem; the transforms resize and normalise with PIL and
-torch alone (torchvision does not install beside every torch build).
+image) into a `ValueError` that names the problem; the transforms convert, resize and normalise with PIL and
+torch alone (torchvision does not install beside every torch build), as the image processors do.
+The training recipe's augmentations on batches are in `sar_hf.augmentation`.
 """
 
+import inspect
 import io
 import logging
 import math
@@ -293,11 +295,27 @@ def processor_size(image_processor) -> tuple[int, int]:
     return size
 
 
+def to_rgb(image):
+    """A PIL image of any mode (L, P, RGBA, ...) as RGB, converted as Transformers' image processors convert it.
+
+    That is `transformers.image_transforms.convert_to_rgb`, which the processors run with
+    `do_convert_rgb=True`: newer Transformers releases composite transparency onto white, older
+    ones (5.9) drop the alpha channel. Training converts as the saved processor does at inference.
+    """
+    from PIL import Image as PILImage
+    from transformers.image_transforms import convert_to_rgb
+
+    if "return_numpy" in inspect.signature(convert_to_rgb).parameters:  # the compositing releases
+        return PILImage.fromarray(convert_to_rgb(image, return_numpy=True))
+    return convert_to_rgb(image)
+
+
 class ImageTransform:
     """PIL image -> normalised `[3, H, W]` float tensor, with optional training augmentation.
 
-    Evaluation resizes the whole image to `size` (as `ViTImageProcessor` does). Training takes a
-    random crop covering `crop_scale` of the area with an aspect ratio in [3/4, 4/3] (a mild
+    Every image is first converted to RGB as the image processors do ([`to_rgb`]). Without
+    augmentation the whole image is resized to `size` (as `ViTImageProcessor` does). Training takes
+    a random crop covering `crop_scale` of the area with an aspect ratio in [3/4, 4/3] (a mild
     `RandomResizedCrop`), resizes it to `size`, and flips it horizontally with probability 0.5 when
     `hflip`. Random numbers come from torch's global generator, which Trainer seeds, restores on
     resume and seeds per dataloader worker.
@@ -308,9 +326,11 @@ class ImageTransform:
         augment (`bool`, *optional*, defaults to `False`): random crops (and flips).
         hflip (`bool`, *optional*, defaults to `False`): random horizontal flips when augmenting.
         crop_scale (`tuple[float, float]`, *optional*, defaults to `(0.7, 1.0)`): area range of the crops.
+        resample (`int`, *optional*): PIL's filter for the resize, e.g. the image processor's
+            `resample`; defaults to bilinear.
     """
 
-    def __init__(self, size, image_mean, image_std, augment=False, hflip=False, crop_scale=(0.7, 1.0)):
+    def __init__(self, size, image_mean, image_std, augment=False, hflip=False, crop_scale=(0.7, 1.0), resample=None):
         self.size = tuple(size)
         mean = [float(m) for m in image_mean] if np.ndim(image_mean) else [float(image_mean)] * 3
         std = [float(s) for s in image_std] if np.ndim(image_std) else [float(image_std)] * 3
@@ -319,6 +339,7 @@ class ImageTransform:
         self.augment = augment
         self.hflip = hflip
         self.crop_scale = crop_scale
+        self.resample = 2 if resample is None else int(resample)  # PIL.Image.Resampling.BILINEAR
 
     def _crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
         area = width * height
@@ -334,20 +355,27 @@ class ImageTransform:
                 return left, top, left + w, top + h
         return 0.0, 0.0, float(width), float(height)
 
-    def __call__(self, image) -> torch.Tensor:
+    def pixels(self, image) -> torch.Tensor:
+        """The RGB image, cropped, flipped and resized, as a `[3, H, W]` float tensor in `[0, 1]`."""
         from PIL import Image as PILImage
 
-        image = image.convert("RGB")  # grayscale, palette and RGBA images alike
+        image = to_rgb(image)
         height, width = self.size
         if self.augment:
             box = self._crop_box(*image.size)
-            image = image.resize((width, height), PILImage.Resampling.BILINEAR, box=box)
+            image = image.resize((width, height), self.resample, box=box)
             if self.hflip and torch.rand(()).item() < 0.5:
                 image = image.transpose(PILImage.Transpose.FLIP_LEFT_RIGHT)
         elif image.size != (width, height):
-            image = image.resize((width, height), PILImage.Resampling.BILINEAR)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # 'h w c -> c h w'
+            image = image.resize((width, height), self.resample)
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # 'h w c -> c h w'
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`[..., 3, H, W]` pixels in `[0, 1]` -> normalised with the per-channel mean and std."""
         return (pixels - self.mean) / self.std
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.normalize(self.pixels(image))
 
 
 def collate_fn(examples) -> dict[str, torch.Tensor]:
@@ -368,8 +396,11 @@ __all__ = [
     "drop_bad_images",
     "find_bad_images",
     "load_digits_dataset",
+    "load_image_processor",
     "prepare_labels",
     "processor_size",
     "stratified_split",
     "stratified_subset",
+    "to_rgb",
+    "vit_image_processor_class",
 ]

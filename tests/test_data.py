@@ -21,6 +21,8 @@ from sar_hf.data import (
     processor_size,
     stratified_split,
     stratified_subset,
+    to_rgb,
+    vit_image_processor_class,
 )
 
 
@@ -167,8 +169,27 @@ def test_image_transform_eval_resizes_and_normalises():
     out = transform(PILImage.new("L", (8, 8), 255))  # grayscale -> 3 channels
     assert out.shape == (3, 16, 12) and out.dtype == torch.float32
     torch.testing.assert_close(out, torch.ones_like(out))
-    rgba = transform(PILImage.new("RGBA", (20, 20), (0, 0, 0, 0)))
-    torch.testing.assert_close(rgba, -torch.ones(3, 16, 12))
+    torch.testing.assert_close(transform.pixels(PILImage.new("RGB", (4, 4), (0, 51, 255))), out.new_tensor(
+        [0.0, 0.2, 1.0]).view(3, 1, 1).expand(3, 16, 12))  # fmt: skip
+
+
+def test_image_transform_converts_every_mode_as_the_image_processor_does():
+    """Grayscale, palette, transparent images: the same pixels as ViT's image processor with do_convert_rgb."""
+    rng = np.random.default_rng(0)
+    rgb = PILImage.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8))
+    transparent = rgb.copy()
+    transparent.putalpha(PILImage.fromarray(rng.integers(0, 256, (9, 7), dtype=np.uint8)))
+    palette = rgb.convert("P", palette=PILImage.Palette.ADAPTIVE, colors=8)
+    palette.info["transparency"] = 3  # one palette entry is transparent
+    images = [rgb, rgb.convert("L"), rgb.convert("LA"), transparent, PILImage.new("RGBA", (5, 5)), palette]
+    processor = vit_image_processor_class()(
+        size={"height": 16, "width": 12}, image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.4], do_convert_rgb=True
+    )
+    transform = ImageTransform((16, 12), processor.image_mean, processor.image_std)
+    for image in images:
+        expected = processor(image, return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(transform(image), expected, msg=image.mode)
+        assert to_rgb(image).mode == "RGB"
 
 
 def test_image_transform_augments_reproducibly():

@@ -48,6 +48,28 @@ def _state(output_dir):
     return json.loads((output_dir / "trainer_state.json").read_text())
 
 
+def _train_logs(output_dir):
+    """The training logs of a run, which must apply the SAR term (λ > 0) on some step."""
+    logs = [entry for entry in _state(output_dir)["log_history"] if "loss" in entry]
+    assert logs and all("sar/entropy" in entry for entry in logs)
+    assert max(entry["sar/weight"] for entry in logs) > 0
+    return logs
+
+
+@pytest.fixture
+def batches(monkeypatch):
+    """Every batch that reaches the model, as `(training, pixel_values, labels)`, recorded in `compute_loss`."""
+    seen = []
+    compute_loss = sar_hf.SARTrainer.compute_loss
+
+    def recording(self, model, inputs, *args, **kwargs):
+        seen.append((model.training, inputs["pixel_values"].detach().clone(), inputs["labels"].clone()))
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(sar_hf.SARTrainer, "compute_loss", recording)
+    return seen
+
+
 def _image_folder(root, classes=("cat", "dog", "eel"), per_class=6, size=(12, 10)):
     rng = np.random.default_rng(0)
     for k, name in enumerate(classes):
@@ -63,16 +85,21 @@ def _image_folder(root, classes=("cat", "dog", "eel"), per_class=6, size=(12, 10
 
 
 def test_defaults_need_no_arguments():
-    model_args, data_args, sar_args, training_args = run_sar.parse_args([])
+    model_args, data_args, sar_args, recipe_args, training_args = run_sar.parse_args([])
     assert model_args.model_preset == "small" and model_args.model_name_or_path is None
     assert data_args.uses_digits and data_args.train_val_split == 0.15 and data_args.train_fraction == 1.0
-    assert (sar_args.sar_weight, sar_args.sar_schedule, sar_args.sar_granularity) == (0.01, "warmup_cosine", "epoch")
+    assert (sar_args.sar_weight, sar_args.sar_schedule, sar_args.sar_granularity) == (0.01, "warmup_cosine", "auto")
     assert training_args.output_dir == "outputs/sar-digits"
     assert training_args.do_train and training_args.do_eval and not training_args.remove_unused_columns
     assert training_args.learning_rate == run_sar.TRAINING_DEFAULTS["learning_rate"]
+    # DeiT's recipe is off unless asked for.
+    assert recipe_args.recipe is None and recipe_args.warmup_epochs is None
+    assert (data_args.randaugment_ops, data_args.random_erasing_prob, data_args.mixup_alpha) == (0, 0, 0)
+    assert training_args.label_smoothing_factor == 0
+    assert not data_args.mixes_batches
     # Own data goes elsewhere by default; every default can be overridden.
     args = ["--train_dir", "x", "--learning_rate", "5e-5", "--eval_strategy", "no", "--do_eval", "False"]
-    _, _, _, training_args = run_sar.parse_args(args)
+    *_, training_args = run_sar.parse_args(args)
     assert training_args.output_dir == "outputs/sar-vit"
     assert training_args.learning_rate == 5e-5 and not training_args.do_eval
 
@@ -86,7 +113,7 @@ def test_json_config_file(tmp_path):
     }
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
-    model_args, data_args, sar_args, training_args = run_sar.parse_args([str(path)])
+    model_args, data_args, sar_args, _, training_args = run_sar.parse_args([str(path)])
     assert (sar_args.sar_weight, sar_args.sar_schedule, data_args.train_fraction) == (0.05, "constant", 0.5)
     assert training_args.output_dir == str(tmp_path / "run")
     assert training_args.num_train_epochs == run_sar.TRAINING_DEFAULTS["num_train_epochs"]
@@ -108,6 +135,17 @@ def test_json_config_file(tmp_path):
         (["--dataset_name", "x", "--train_dir", "y"], "either --dataset_name or --train_dir"),
         (["--validation_dir", "y"], "--validation_dir needs a --train_dir"),
         (["--max_train_samples", "0"], "--max_train_samples must be at least 1"),
+        (["--mixup_alpha", "-0.2"], "--mixup_alpha must be a finite number >= 0, got -0.2"),
+        (["--cutmix_alpha", "-1"], "--cutmix_alpha must be a finite number >= 0"),
+        (["--mixup_switch_prob", "1.5"], r"--mixup_switch_prob must be a probability in \[0, 1\], got 1.5"),
+        (["--random_erasing_prob", "-0.25"], r"--random_erasing_prob must be a probability in \[0, 1\]"),
+        (["--label_smoothing_factor", "1.1"], r"--label_smoothing_factor must be in \[0, 1\]"),
+        (["--randaugment_magnitude", "12"], r"--randaugment_magnitude must be in \[0, 10\], got 12"),
+        (["--randaugment_ops", "16"], r"--randaugment_ops must be in \[0, 15\]"),
+        (["--randaugment_magnitude_std", "-1"], "--randaugment_magnitude_std must be >= 0"),
+        (["--recipe", "deit", "--cutmix_alpha", "-1"], "--cutmix_alpha must be a finite number >= 0"),
+        (["--warmup_epochs", "-1"], "--warmup_epochs must be >= 0"),
+        (["--warmup_epochs", "2", "--warmup_steps", "10"], "--warmup_epochs and --warmup_steps both set"),
     ],
 )
 def test_invalid_arguments(tmp_path, args, message):
@@ -119,6 +157,89 @@ def test_compute_metrics():
     logits = np.eye(8)[[0, 1, 2, 3]] + np.linspace(0, 0.5, 8)  # then classes 7, 6, 5, 4 rank next
     assert compute_metrics((logits, np.array([0, 1, 7, 0]))) == {"accuracy": 0.5, "top5_accuracy": 0.75}
     assert compute_metrics(((np.array([[0.2, 0.8], [0.9, 0.1]]), None), np.array([1, 1]))) == {"accuracy": 0.5}
+
+
+def test_recipe_deit_sets_the_documented_values():
+    _, data_args, _, recipe_args, training_args = run_sar.parse_args(["--recipe", "deit"])
+    assert (data_args.randaugment_ops, data_args.randaugment_magnitude, data_args.randaugment_magnitude_std) == (
+        2,
+        9,
+        0.5,
+    )
+    assert (data_args.mixup_alpha, data_args.cutmix_alpha, data_args.mixup_switch_prob) == (0.8, 1.0, 0.5)
+    assert (data_args.random_erasing_prob, training_args.label_smoothing_factor) == (0.25, 0.1)
+    assert training_args.optim.value.startswith("adamw") and training_args.weight_decay == 0.05
+    assert training_args.lr_scheduler_type.value == "cosine" and recipe_args.warmup_epochs == 5
+    assert training_args.learning_rate == pytest.approx(5e-4 * 64 / 512)  # the script's batch of 64
+    # The global batch counts the processes and the accumulated batches too.
+    args = ["--recipe", "deit", "--per_device_train_batch_size", "128", "--gradient_accumulation_steps", "4"]
+    *_, training_args = run_sar.parse_args(args)
+    assert training_args.learning_rate == pytest.approx(5e-4)
+
+
+def test_an_explicit_flag_wins_over_the_recipe(tmp_path):
+    args = ["--recipe", "deit", "--mixup_alpha", "0", "--learning-rate", "1e-3", "--warmup_steps", "3",
+            "--label_smoothing_factor=0.05", "--randaugment_ops", "1", "--weight_decay", "0"]  # fmt: skip
+    _, data_args, _, recipe_args, training_args = run_sar.parse_args(args)
+    assert (data_args.mixup_alpha, data_args.randaugment_ops, training_args.label_smoothing_factor) == (0, 1, 0.05)
+    assert (training_args.learning_rate, training_args.warmup_steps, training_args.weight_decay) == (1e-3, 3, 0)
+    assert recipe_args.warmup_epochs is None  # --warmup_steps replaces the recipe's warm-up
+    assert (data_args.cutmix_alpha, data_args.random_erasing_prob) == (1.0, 0.25)  # the rest of the recipe stays
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"recipe": "deit", "cutmix_alpha": 0.5, "output_dir": str(tmp_path)}))
+    _, data_args, _, recipe_args, training_args = run_sar.parse_args([str(path)])
+    assert (data_args.cutmix_alpha, data_args.mixup_alpha, recipe_args.warmup_epochs) == (0.5, 0.8, 5)
+    assert training_args.learning_rate == pytest.approx(5e-4 * 64 / 512)
+
+
+def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(tmp_path):
+    """Soft targets through MixingTrainer: 2 accumulated batches of 4 make the step that one batch of 8 makes."""
+    import torch
+    from tiny import TINY as TINY_CONFIG
+    from tiny import TinyImages
+    from transformers import TrainingArguments
+
+    from sar_hf.augmentation import MixupCutmix
+
+    targets = MixupCutmix(3, mixup_alpha=1.0, label_smoothing=0.1)
+
+    def mix(pixel_values, labels):  # the same for every image wherever it lies: no pairing within the batch
+        return pixel_values.flip(-1), targets.soft_targets(labels, (labels + 1) % 3, 0.3 + 0.1 * labels)
+
+    def new_model(sar_weight=0.5):
+        torch.manual_seed(0)
+        return sar_hf.SARViTForImageClassification(sar_hf.SARViTConfig(**TINY_CONFIG, sar_weight=sar_weight))
+
+    def one_step(batch_size, accumulation, sar_weight=0.5):
+        model = new_model(sar_weight)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"{batch_size}x{accumulation}"), per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1.0, optim="sgd", weight_decay=0.0,
+            lr_scheduler_type="constant", max_grad_norm=0.0, report_to="none", save_strategy="no", use_cpu=True,
+            seed=0,
+        )  # fmt: skip
+        trainer = run_sar.MixingTrainer(
+            model=model, args=args, train_dataset=TinyImages(8), batch_mix=mix, compute_loss_func=model.sar_loss,
+            callbacks=[sar_hf.SARCallback(schedule="constant")],
+        )  # fmt: skip
+        trainer.train()
+        return model.state_dict()
+
+    big, accumulated = one_step(8, 1), one_step(4, 2)
+    # By hand: one SGD step of size 1 on mean soft cross-entropy + λ · mean spatial entropy of the 8 images.
+    model = new_model()
+    data = TinyImages(8)
+    pixel_values, soft = mix(data.pixel_values, data.labels)
+    logits = model(pixel_values).logits
+    scores, grid_size, _ = model.sar_loss.capture.pop()
+    loss = -(soft * logits.log_softmax(-1)).sum(-1).mean() + 0.5 * sar_hf.spatial_entropy(scores, grid_size)
+    loss.backward()
+    expected = {name: (param - param.grad).detach() for name, param in model.named_parameters()}
+    for name, value in expected.items():
+        torch.testing.assert_close(big[name], value, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(accumulated[name], value, atol=1e-6, rtol=1e-5, msg=name)
+    without = one_step(8, 1, sar_weight=0.0)  # the SAR term takes part in that gradient
+    assert any(not torch.allclose(without[name], value, atol=1e-5) for name, value in big.items())
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,9 +295,16 @@ def test_unreadable_image_is_named(tmp_path):
 # Training runs
 
 
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """One default run on the digits (tiny preset), shared by the tests that read its outputs."""
+    tmp_path = tmp_path_factory.mktemp("digits")
+    return _run(tmp_path, "--attention_figure_images", "3")
+
+
 @pytest.mark.slow
-def test_digits_default_run(tmp_path):
-    results, out = _run(tmp_path, "--attention_figure_images", "3")
+def test_digits_default_run(digits_run):
+    results, out = digits_run
     for key in ("eval_accuracy", "eval_top5_accuracy", "eval_sar/entropy", "test_accuracy", "test_sar/entropy"):
         assert np.isfinite(results[key]), key
     assert results["train_samples"] == 64 and results["eval_samples"] == 32 and results["test_samples"] == 360
@@ -187,37 +315,123 @@ def test_digits_default_run(tmp_path):
         assert (out / name).is_file(), name
     card = (out / "README.md").read_text()
     assert "spatial-entropy" in card and "trained from scratch on the scikit-learn digits dataset" in card
-    train_logs = [entry for entry in _state(out)["log_history"] if "loss" in entry]
-    assert len(train_logs) == 4 and all("sar/entropy" in e and "sar/weight" in e for e in train_logs)
+    train_logs = _train_logs(out)
+    assert len(train_logs) == 4 and all("sar/weight" in e for e in train_logs)
     # One row per image, an image column plus a map and a region column per head (2 in `tiny`).
     from sar_hf.visualization import CELL_INCHES, DPI
 
     with PILImage.open(out / "attention_maps.png") as picture:
         assert picture.size == (CELL_INCHES * DPI * (1 + 2 * 2), CELL_INCHES * DPI * 3)
 
-    from transformers import AutoModelForImageClassification, pipeline
+    from transformers import AutoModelForImageClassification
 
     model = AutoModelForImageClassification.from_pretrained(out)
     assert isinstance(model, sar_hf.SARViTForImageClassification)
     assert model.config.sar_weight == 0.01  # the peak λ, not the schedule's last value
     assert model.config.id2label[3] == "3"
-    predictions = pipeline("image-classification", model=str(out))(PILImage.new("L", (8, 8)))
-    assert len(predictions) == 5
+
+
+def _images_of_every_mode():
+    """Single images of every mode the script reads (digits are mode L), opaque and transparent."""
+    rng = np.random.default_rng(0)
+    rgb = PILImage.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8))
+    alpha = PILImage.fromarray(rng.integers(0, 256, (10, 12), dtype=np.uint8))
+    transparent = rgb.copy()
+    transparent.putalpha(alpha)
+    opaque = rgb.convert("RGBA")
+    return {
+        "L": rgb.convert("L"),
+        "RGB": rgb,
+        "RGBA (opaque)": opaque,
+        "RGBA (transparent)": transparent,
+        "P": rgb.convert("P", palette=PILImage.Palette.ADAPTIVE),
+        "L 8x8 digit": load_digits_test_image(),
+    }
+
+
+def load_digits_test_image():
+    from sar_hf.data import load_digits_dataset
+
+    return load_digits_dataset()["test"][0]["image"]
 
 
 @pytest.mark.slow
-def test_sar_weight_zero_is_the_baseline(tmp_path):
-    results, out = _run(tmp_path, "--sar_weight", "0", "--save_strategy", "no")
-    train_logs = [entry for entry in _state(out)["log_history"] if "loss" in entry]
+def test_saved_processor_reproduces_the_evaluation_transform(digits_run):
+    """Serving parity: AutoImageProcessor and pipeline on any image mode give the pixels evaluation gave."""
+    import torch
+    from transformers import pipeline
+
+    from sar_hf.data import ImageTransform, load_image_processor, processor_size
+
+    _, out = digits_run
+    processor = load_image_processor(str(out))  # AutoImageProcessor (ViT's without torchvision on 5.9)
+    assert json.loads((out / "preprocessor_config.json").read_text())["do_convert_rgb"] is True
+    # The script's per-image transform without augmentation: the same conversion, resize and normalisation.
+    reference = ImageTransform(processor_size(processor), processor.image_mean, processor.image_std)
+    classifier = pipeline("image-classification", model=str(out))
+    images = _images_of_every_mode()
+    for mode, image in images.items():
+        expected = reference(image)
+        torch.testing.assert_close(processor(image, return_tensors="pt")["pixel_values"][0], expected, msg=mode)
+        # pipeline converts with PIL's `convert("RGB")` before the processor sees the image, which drops
+        # transparency instead of compositing it onto white (newer Transformers): transparent RGBA differs.
+        if mode != "RGBA (transparent)":
+            piped = classifier.preprocess(image)["pixel_values"][0]
+            torch.testing.assert_close(piped, expected, msg=f"pipeline, {mode}")
+    batch = processor(list(images.values()), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(batch, torch.stack([reference(image) for image in images.values()]))
+
+
+@pytest.mark.slow
+def test_pipeline_accuracy_equals_the_test_accuracy(digits_run):
+    from transformers import pipeline
+
+    from sar_hf.data import load_digits_dataset
+
+    results, out = digits_run
+    test = load_digits_dataset()["test"]
+    classifier = pipeline("image-classification", model=str(out), top_k=1)
+    predictions = classifier(list(test["image"]), batch_size=64)
+    names = test.features["label"].names
+    truth = [names[label] for label in test["label"]]
+    correct = [prediction[0]["label"] == label for prediction, label in zip(predictions, truth, strict=True)]
+    assert np.mean(correct) == pytest.approx(results["test_accuracy"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_sar_weight_changes_the_trained_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    short = ["--max_steps", "3", "--save_strategy", "no", "--do_eval", "False", "--eval_strategy", "no"]
+    _, baseline = _run(tmp_path, *short, "--sar_weight", "0", name="baseline")
+    _, sar = _run(tmp_path, *short, "--sar_weight", "0.5", name="sar")
+    train_logs = [entry for entry in _state(baseline)["log_history"] if "loss" in entry]
     assert train_logs and all(entry["sar/weight"] == 0 for entry in train_logs)
     for entry in train_logs:  # the loss is the cross-entropy alone; the entropy is still measured
         assert entry["loss"] == pytest.approx(entry["sar/ce_loss"], rel=1e-3)
         assert entry["sar/entropy"] > 0
-    assert json.loads((out / "config.json").read_text())["sar_weight"] == 0
+    assert json.loads((baseline / "config.json").read_text())["sar_weight"] == 0
+    for entry in _train_logs(sar):
+        assert entry["loss"] == pytest.approx(entry["sar/ce_loss"] + entry["sar/weight"] * entry["sar/entropy"])
+    # Same seed, same data and initialisation: the weights differ only through the SAR term.
+    plain, regularised = load_file(baseline / "model.safetensors"), load_file(sar / "model.safetensors")
+    assert max(float((plain[k] - regularised[k]).abs().max()) for k in plain) > 1e-4
 
 
 @pytest.mark.slow
-def test_bf16_mixed_precision(tmp_path, monkeypatch):
+def test_fp16_on_a_cpu_logs_the_precision_in_use(tmp_path, caplog):
+    """Accelerate runs `--fp16` in float32 on a CPU; the log line says so instead of "fp16"."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        _run(tmp_path, "--fp16", "--use_cpu", "--max_steps", "1", "--save_strategy", "no", "--do_eval", "False",
+             "--eval_strategy", "no")  # fmt: skip
+    assert "mixed precision: no (float32)" in caplog.text and "mixed precision: fp16" not in caplog.text
+    assert "--fp16 was given, but Accelerate runs float32 on cpu" in caplog.text
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision(tmp_path, monkeypatch, caplog):
     """Accelerate's autocast reaches the SAR scores; the loss and the saved weights stay float32.
 
     (`--fp16` needs a GPU: on a CPU, Accelerate runs it in float32.)
@@ -235,10 +449,11 @@ def test_bf16_mixed_precision(tmp_path, monkeypatch):
         return result
 
     monkeypatch.setattr(modeling, "spatial_entropy", recording_spatial_entropy)
-    results, out = _run(tmp_path, "--bf16", "--use_cpu", "--save_strategy", "no")
+    with caplog.at_level("WARNING"):
+        results, out = _run(tmp_path, "--bf16", "--use_cpu", "--save_strategy", "no")
+    assert "mixed precision: bf16" in caplog.text
     assert seen and set(seen) == {"torch.bfloat16"}
-    train_logs = [entry for entry in _state(out)["log_history"] if "loss" in entry]
-    assert train_logs and all(np.isfinite(entry["sar/entropy"]) for entry in train_logs)
+    assert all(np.isfinite(entry["sar/entropy"]) for entry in _train_logs(out))
     assert np.isfinite(results["eval_accuracy"])
     from safetensors import safe_open
 
@@ -294,6 +509,7 @@ def test_image_folder_run(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert list(config["id2label"].values()) == ["cat", "dog", "eel"]
     assert _state(out)["global_step"] == 3
+    _train_logs(out)
 
 
 @pytest.mark.slow
@@ -412,10 +628,173 @@ def test_two_processes(tmp_path):
     state = _state(out)
     # 64 images in batches of 8 on each of 2 processes: 4 optimizer steps (8 with one process).
     assert state["global_step"] == 4
-    train_logs = [entry for entry in state["log_history"] if "loss" in entry]
+    train_logs = _train_logs(out)
     assert len(train_logs) == 4 and all({"sar/entropy", "sar/ce_loss", "sar/weight"} <= set(e) for e in train_logs)
 
     from transformers import AutoModelForImageClassification
 
     model = AutoModelForImageClassification.from_pretrained(out)
     assert isinstance(model, sar_hf.SARViTForImageClassification)
+
+
+# --------------------------------------------------------------------------------------------
+# DeiT's recipe
+
+ONE_STEP = [
+    "--max_steps",
+    "1",
+    "--do_eval",
+    "False",
+    "--eval_strategy",
+    "no",
+    "--save_strategy",
+    "no",
+    "--per_device_train_batch_size",
+    "24",
+    "--augment",
+    "False",
+]  # fmt: skip  (no crops: one batch per run)
+
+
+def _check_mixup(x, y, mixed, targets, smoothing):
+    """Each image is (1 − w) x_i + w x_j for one w and some partner j (itself, at times), and its target says so."""
+    flat, out = x.flatten(1).double(), mixed.flatten(1).double()
+    towards = flat[None] - flat[:, None]  # [i, j] = x_j − x_i
+    share = ((out - flat)[:, None] * towards).sum(-1) / towards.pow(2).sum(-1).clamp(min=1e-12)  # least squares
+    error = (flat[:, None] + share[..., None] * towards - out[:, None]).abs().amax(-1)
+    error.fill_diagonal_(float("inf"))
+    partner = error.argmin(1)
+    assert error.min(1).values.max() < 1e-4
+    weights = share.gather(1, partner[:, None]).squeeze(1)
+    itself = (out - flat).abs().amax(-1) < 1e-6  # paired with itself: unchanged, whatever w
+    partner[itself] = itself.nonzero().squeeze(1)
+    weights[itself] = weights[~itself][0]
+    assert float(weights.max() - weights.min()) < 1e-4 and 0 < float(weights[0]) < 1  # one λ for the batch
+    _check_targets(y, partner, weights, targets, smoothing)
+
+
+def _check_cutmix(x, y, mixed, targets, smoothing):
+    """One box for the batch: inside it each image shows its partner's pixels, and w is the box's area."""
+    import torch
+
+    changed = (mixed != x).any(1).any(0)  # [H, W], over the batch
+    rows, cols = torch.nonzero(changed, as_tuple=True)
+    box = torch.zeros_like(changed)
+    box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
+    assert torch.equal(mixed[..., ~box], x[..., ~box])
+    inside = mixed[..., box].flatten(1)  # [B, 3 * box pixels]
+    matches = (inside[:, None] == x[..., box].flatten(1)[None]).all(-1)  # [i, j]: i shows j's pixels
+    assert matches.any(1).all()
+    partner = matches.float().argmax(1)
+    _check_targets(y, partner, torch.full((len(y),), float(box.float().mean())), targets, smoothing)
+
+
+def _check_targets(y, partner, weights, targets, smoothing):
+    import torch
+    import torch.nn.functional as F
+
+    classes = targets.shape[1]
+
+    def smoothed(labels):
+        return F.one_hot(labels, classes).double() * (1 - smoothing) + smoothing / classes
+
+    expected = (1 - weights[:, None]) * smoothed(y) + weights[:, None] * smoothed(y[partner])
+    torch.testing.assert_close(targets.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_each_augmentation_flag_changes_the_batch_that_reaches_the_model(tmp_path, batches):
+    import torch
+
+    train = _image_folder(tmp_path / "train", per_class=8)
+
+    def first_batch(*flags):
+        batches.clear()
+        _run(tmp_path, *ONE_STEP, "--train_dir", str(train), "--train_val_split", "0", *flags, name="-".join(flags))
+        return next((pixel_values, labels) for training, pixel_values, labels in batches if training)
+
+    x, y = first_batch()
+    assert y.dtype == torch.long and y.shape == (24,)
+    for flags in (["--randaugment_ops", "2"], ["--random_erasing_prob", "1"]):
+        pixel_values, labels = first_batch(*flags)
+        assert torch.equal(labels, y) and (pixel_values - x).abs().amax() > 0.1, flags
+    mixed, targets = first_batch("--mixup_alpha", "0.8", "--label_smoothing_factor", "0.1")
+    assert targets.shape == (24, 3) and targets.is_floating_point()
+    _check_mixup(x, y, mixed, targets, smoothing=0.1)
+    mixed, targets = first_batch("--cutmix_alpha", "1.0")
+    _check_cutmix(x, y, mixed, targets, smoothing=0.0)
+
+
+@pytest.mark.slow
+def test_recipe_deit_end_to_end_and_reproducible(tmp_path, batches):
+    """`--recipe deit` on the tiny preset: soft targets, the SAR term, evaluation untouched, one seed one run."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sar_hf.data import load_image_processor
+
+    def run(name, *extra):
+        batches.clear()
+        results, out = _run(tmp_path, "--recipe", "deit", *extra, name=name)
+        return results, out, list(batches)
+
+    results, out, seen = run("first")
+    train = [(x, labels) for training, x, labels in seen if training]
+    evaluation = [(x, labels) for training, x, labels in seen if not training]
+    assert len(train) == 4 and all(labels.shape == (16, 10) for _, labels in train)  # soft targets
+    assert np.isfinite(results["test_accuracy"]) and np.isfinite(results["eval_sar/entropy"])
+    logs = _train_logs(out)
+    for entry in logs:  # Trainer's loss: the soft cross-entropy plus λ·SE
+        assert entry["loss"] == pytest.approx(entry["sar/ce_loss"] + entry["sar/weight"] * entry["sar/entropy"])
+    # Evaluation sees the saved image processor's pixels, nothing else.
+    model_args, data_args, _, _, training_args = run_sar.parse_args([*TINY, "--output_dir", str(out)])
+    validation = run_sar.load_data(model_args, data_args, training_args)[0]["validation"]
+    processor = load_image_processor(str(out))
+    expected = processor(list(validation["image"]), return_tensors="pt")["pixel_values"]
+    for pixel_values, labels in evaluation[:2]:  # the epoch's evaluation, then the final one
+        torch.testing.assert_close(pixel_values, expected)
+        assert torch.equal(labels, torch.tensor(validation["label"]))
+
+    no_eval = ["--do_eval", "False", "--eval_strategy", "no"]
+    _, again, seen_again = run("again", *no_eval)
+    for (a, labels_a), (b, labels_b) in zip(train, [(x, lab) for t, x, lab in seen_again if t], strict=True):
+        assert torch.equal(a, b) and torch.equal(labels_a, labels_b)
+    assert [e["loss"] for e in _train_logs(again)] == [e["loss"] for e in logs]
+    first, second = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    _, _, other = run("other-seed", "--seed", "7", *no_eval)
+    assert not torch.equal(train[0][0], next(x for t, x, _ in other if t))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["deit", "dinov2_with_registers", "beit"])
+def test_other_vit_family_checkpoints_keep_their_class(tmp_path, family):
+    import transformers
+
+    config_class, model_class, processor_name = {
+        "deit": ("DeiTConfig", "DeiTForImageClassification", "DeiTImageProcessor"),
+        "dinov2_with_registers": (
+            "Dinov2WithRegistersConfig", "Dinov2WithRegistersForImageClassification", "BitImageProcessor"
+        ),
+        "beit": ("BeitConfig", "BeitForImageClassification", "BeitImageProcessor"),
+    }[family]  # fmt: skip
+    config = getattr(transformers, config_class)(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        num_labels=10,
+    )  # fmt: skip
+    base = tmp_path / family
+    getattr(transformers, model_class)(config).save_pretrained(base)
+    processor_class = getattr(transformers, processor_name + "Pil", None) or getattr(transformers, processor_name)
+    size = {"height": 16, "width": 16}
+    processor_class(size=size, crop_size=size, do_center_crop=False).save_pretrained(base)
+
+    with pytest.raises(ValueError, match=f"--sar_no_skip_no_norm rebuilds the last block of a ViT.*'{family}'"):
+        _run(tmp_path, "--model_name_or_path", str(base), "--sar_no_skip_no_norm")
+    results, out = _run(tmp_path, "--model_name_or_path", str(base), "--max_steps", "3", "--save_strategy", "no")
+    _train_logs(out)
+    assert np.isfinite(results["eval_accuracy"]) and np.isfinite(results["eval_sar/entropy"])
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == family and saved["architectures"] == [model_class]
+    # Plain Transformers loads it as that class, every weight present.
+    model, info = getattr(transformers, model_class).from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and model.config.id2label[3] == "3"
