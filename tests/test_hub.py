@@ -7,20 +7,23 @@ import json
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 from tiny import TINY
 from transformers import (
+    AutoModel,
     AutoModelForImageClassification,
     TrainingArguments,
     ViTConfig,
     ViTForImageClassification,
     ViTImageProcessor,
+    ViTModel,
     pipeline,
 )
 
 import sar_hf
-from sar_hf import SARCallback, SARTrainer, SARViTConfig, SARViTForImageClassification
+from sar_hf import SARCallback, SARTrainer, SARViTConfig, SARViTForImageClassification, SARViTModel
 
 TINY = {**TINY, "id2label": {0: "cat", 1: "dog", 2: "fox"}, "label2id": {"cat": 0, "dog": 1, "fox": 2}}
 SETTINGS = {"sar_weight": 0.05, "sar_layer": 0}
@@ -73,6 +76,50 @@ def test_pipeline_classifies_with_a_saved_sar_model(tmp_path):
         probs = model(processor(image, return_tensors="pt").pixel_values).logits.softmax(-1)[0]
     expected = {TINY["id2label"][i]: p.item() for i, p in enumerate(probs)}
     assert {p["label"]: p["score"] for p in predictions} == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("no_skip", [False, True], ids=["standard", "no-skip-no-norm"])
+def test_auto_model_round_trips_the_encoder_of_a_sar_checkpoint(tmp_path, no_skip):
+    model = make_model(sar_no_skip_no_norm=no_skip)
+    model.save_pretrained(tmp_path / "classifier")
+    encoder, info = AutoModel.from_pretrained(tmp_path / "classifier", output_loading_info=True)
+    assert type(encoder) is SARViTModel and encoder.config.sar_no_skip_no_norm is no_skip
+    # As for ViT: the classifier's checkpoint has no pooler, and its head is not the encoder's.
+    assert info["missing_keys"] == {"pooler.dense.weight", "pooler.dense.bias"}
+    assert info["unexpected_keys"] == {"classifier.weight", "classifier.bias"}
+    with torch.no_grad():
+        expected = model.vit(pixels()).last_hidden_state
+        assert torch.equal(encoder.eval()(pixels()).last_hidden_state, expected)
+
+    encoder.save_pretrained(tmp_path / "encoder")
+    again, info = AutoModel.from_pretrained(tmp_path / "encoder", output_loading_info=True)
+    assert type(again) is SARViTModel and not any(info[key] for key in ("missing_keys", "unexpected_keys"))
+    for (name, tensor), reloaded in zip(encoder.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(tensor, reloaded), name
+    classifier, info = SARViTForImageClassification.from_pretrained(tmp_path / "encoder", output_loading_info=True)
+    assert info["missing_keys"] == {"classifier.weight", "classifier.bias"}  # only the new head
+    with torch.no_grad():
+        assert torch.equal(classifier.eval().vit(pixels()).last_hidden_state, expected)
+
+
+@pytest.mark.parametrize(
+    ("sar_class", "vit_class"),
+    [(SARViTForImageClassification, ViTForImageClassification), (SARViTModel, ViTModel)],
+    ids=["classifier", "encoder"],
+)
+def test_sar_and_plain_vit_checkpoints_name_their_weights_alike_and_load_into_each_other(
+    tmp_path, sar_class, vit_class
+):
+    """Transformers 5 renamed ViT's weights and converts between the old names (which it still
+    writes, and which checkpoints on the Hub have) and the new ones; SAR checkpoints follow suit."""
+    torch.manual_seed(0)
+    vit_class(ViTConfig(**TINY)).save_pretrained(tmp_path / "vit")
+    sar_class(SARViTConfig(**TINY)).save_pretrained(tmp_path / "sar")
+    names = [safetensors.torch.load_file(tmp_path / name / "model.safetensors").keys() for name in ("vit", "sar")]
+    assert sorted(names[0]) == sorted(names[1])
+    for folder, model_class in ((tmp_path / "vit", sar_class), (tmp_path / "sar", vit_class)):
+        _, info = model_class.from_pretrained(folder, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], (folder.name, info)
 
 
 def test_plain_vit_loads_a_standard_sar_checkpoint_with_identical_logits(tmp_path):
