@@ -5,18 +5,22 @@ test_configuration / test_loss / test_modeling, bad data in test_data / test_run
 scores in test_trainer); README.md's reliability table points at each.
 """
 
-import ast
+import io
 import json
 import os
 import pathlib
+import pickle
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tiny import TINY
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, ViTForImageClassification, pipeline
 
 import sar_hf
 from sar_hf.checkpoints import last_complete_checkpoint
@@ -86,20 +90,82 @@ def test_sigkill_mid_run_resumes_and_loses_only_the_unsaved_steps(tmp_path):
     assert sar_hf.SARViTForImageClassification.from_pretrained(killed).config.sar_weight == 0.01
 
 
-def test_the_package_never_unpickles():
-    """No `pickle`, no `torch.load` without `weights_only=True`, no `trust_remote_code` in sar_hf."""
-    for path in (ROOT / "sar_hf").glob("*.py"):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import | ast.ImportFrom):
-                names = [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]
-                assert not any(name.split(".")[0] in ("pickle", "dill", "joblib") for name in names), path
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "load":
-                if getattr(node.func.value, "id", None) == "torch":
-                    weights_only = [k for k in node.keywords if k.arg == "weights_only"]
-                    assert weights_only and weights_only[0].value.value is True, f"{path}:{node.lineno}"
-            if isinstance(node, ast.keyword) and node.arg == "trust_remote_code":
-                raise AssertionError(f"{path}: trust_remote_code")
+def _refusing(name: str, calls: list):
+    """A stand-in for an unpickling function: records `name` in `calls`, then raises."""
+
+    def refuse(*args, **kwargs):
+        calls.append(name)
+        raise pickle.UnpicklingError(f"{name} was called: loading what sar_hf writes must not unpickle")
+
+    return refuse
+
+
+@pytest.fixture
+def unpickling(monkeypatch) -> list:
+    """Makes every way to unpickle raise `UnpicklingError` and records each attempt in the returned
+    list, so that a caller that swallows the error is caught too. Only `torch.load(...,
+    weights_only=True)` goes through: its unpickler rebuilds tensors and plain containers and runs no
+    code, and Trainer reads its optimizer, scheduler and RNG state with it when it resumes."""
+    calls = []
+    for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (np, "load")):
+        monkeypatch.setattr(module, name, _refusing(f"{module.__name__}.{name}", calls))
+    torch_load, refuse = torch.load, _refusing("torch.load without weights_only=True", calls)
+
+    def load(*args, **kwargs):
+        return torch_load(*args, **kwargs) if kwargs.get("weights_only") is True else refuse(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    monkeypatch.setattr(torch.serialization, "load", load)
+    return calls
+
+
+def test_the_unpickling_guard_refuses_each_way_to_unpickle(tmp_path, unpickling):
+    torch.save({"step": 1}, tmp_path / "state.pt")
+    np.save(tmp_path / "array.npy", np.arange(3))
+    attempts = {
+        "torch.load(weights_only=False)": lambda: torch.load(tmp_path / "state.pt", weights_only=False),
+        "torch.load()": lambda: torch.load(tmp_path / "state.pt"),  # torch < 2.6 defaults to unpickling
+        "pickle.loads": lambda: pickle.loads(pickle.dumps(1)),
+        "pickle.load": lambda: pickle.load(io.BytesIO(pickle.dumps(1))),
+        "pickle.Unpickler": lambda: pickle.Unpickler(io.BytesIO(pickle.dumps(1))).load(),
+        "numpy.load": lambda: np.load(tmp_path / "array.npy", allow_pickle=True),
+    }
+    for name, attempt in attempts.items():
+        with pytest.raises(pickle.UnpicklingError):
+            attempt()
+        assert len(unpickling) == list(attempts).index(name) + 1, name
+    assert torch.load(tmp_path / "state.pt", weights_only=True) == {"step": 1}
+
+
+def test_loading_what_the_package_writes_unpickles_nothing(tmp_path, unpickling, monkeypatch):
+    """Every artifact the package writes, read back the ways it is read: the training script's
+    checkpoints and its resume (SARTrainer's reloading, the checkpoint checks), a fine-tuning run
+    from its output (config, weights, image processor), the Auto classes, `pipeline` and plain ViT."""
+    resumed_from = []
+    load_from_checkpoint = sar_hf.SARTrainer._load_from_checkpoint
+
+    def spy(self, folder, *args, **kwargs):
+        resumed_from.append(pathlib.Path(folder).name)
+        return load_from_checkpoint(self, folder, *args, **kwargs)
+
+    monkeypatch.setattr(sar_hf.SARTrainer, "_load_from_checkpoint", spy)
+    trained, tuned, no_skip = tmp_path / "trained", tmp_path / "tuned", tmp_path / "no-skip"
+    steps = ["--save_steps", "2", "--output_dir", str(trained)]
+    run_sar.main([*RUN, "--max_steps", "4", *steps])
+    run_sar.main([*RUN, "--max_steps", "6", *steps, "--resume_from_checkpoint", "True"])
+    assert resumed_from == ["checkpoint-4"]
+    run_sar.main([*RUN, "--max_steps", "2", "--model_name_or_path", str(trained), "--output_dir", str(tuned)])
+    sar_hf.SARViTForImageClassification(sar_hf.SARViTConfig(**TINY, sar_no_skip_no_norm=True)).save_pretrained(no_skip)
+
+    for folder in (tuned, no_skip):
+        for model_class in (sar_hf.SARViTForImageClassification, AutoModelForImageClassification, AutoModel):
+            assert type(model_class.from_pretrained(folder).config) is sar_hf.SARViTConfig
+        assert type(AutoConfig.from_pretrained(folder)) is sar_hf.SARViTConfig
+    ViTForImageClassification.from_pretrained(tuned)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    assert len(pipeline("image-classification", model=str(tuned), device="cpu")(image)) > 0
+    assert len(pipeline("image-feature-extraction", model=str(tuned), device="cpu")(image)) == 1
+    assert unpickling == []
 
 
 def test_identical_images_give_empty_masks_and_a_finite_loss():

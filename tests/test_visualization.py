@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 import sar_hf.visualization
-from sar_hf import SARViTConfig, SARViTForImageClassification, spatial_entropy
+from sar_hf import SARViTConfig, SARViTForImageClassification, connected_components, spatial_entropy
 from sar_hf.visualization import CELL_INCHES, DPI, cls_attention, save_attention_figure
 
 TINY = dict(
@@ -73,6 +73,72 @@ def test_heads_limits_columns(models, images, processor, tmp_path):
     path = save_attention_figure(models, images[:1], processor, tmp_path / "heads.png", heads=1)
     with Image.open(path) as png:
         assert png.size == expected_size(images=1, models=2, heads=1)
+
+
+@pytest.fixture
+def saved_figures(monkeypatch) -> list:
+    """The matplotlib figures that `save_attention_figure` saves, kept to find each panel's cells in the PNG."""
+    from matplotlib.figure import Figure
+
+    figures, savefig = [], Figure.savefig
+
+    def keep(figure, *args, **kwargs):
+        figures.append(figure)
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return figures
+
+
+def cell_colours(png: np.ndarray, ax, grid: tuple[int, int]) -> np.ndarray:
+    """The PNG's RGB `[gh, gw, 3]` at the centre of each grid cell that `ax` shows (`imshow` puts the
+    cell of row r and column c at the data point (c, r); display y counts from the bottom)."""
+    gh, gw = grid
+    centres = ax.transData.transform([(c, r) for r in range(gh) for c in range(gw)])
+    return np.array([png[int(png.shape[0] - y), int(x)] for x, y in centres]).reshape(gh, gw, 3)
+
+
+def inferno_values(colours: np.ndarray) -> np.ndarray:
+    """RGB colours of the inferno colormap -> the values in [0, 1] that it gave them."""
+    from matplotlib import colormaps
+
+    table = colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255
+    distances = ((colours[..., None, :].astype(float) - table) ** 2).sum(-1)
+    return distances.argmin(-1) / 255
+
+
+def test_region_and_map_panels_show_each_maps_regions_and_softmax(images, processor, tmp_path, saved_figures):
+    """The PNG's pixels against a reference computed here: the [CLS] attention of an eager plain ViT
+    with the same weights, regions above the mean by `connected_components`, softmax over the patches."""
+    settings = {**TINY, "initializer_range": 0.2}  # scores spread well away from their mean
+    torch.manual_seed(0)
+    model = SARViTForImageClassification(SARViTConfig(**settings))
+    path = save_attention_figure({"SAR": model}, images, processor, tmp_path / "maps.png")
+    with Image.open(path) as png:
+        pixels = np.asarray(png.convert("RGB"))
+    (figure,) = saved_figures
+
+    eager = ViTForImageClassification(ViTConfig(**settings, attn_implementation="eager")).eval()
+    eager.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        attentions = eager(processor(images, return_tensors="pt")["pixel_values"], output_attentions=True).attentions
+    probs = attentions[-1][:, :, 0, 1:]  # [B, heads, patches]: [CLS] to the patches, whose scores they order
+    grid, heads = (4, 4), TINY["num_attention_heads"]
+    mask = probs.log() > probs.log().mean(-1, keepdim=True)
+    regions = connected_components(mask.reshape(*mask.shape[:2], *grid)).numpy()
+    maps = (probs / probs.sum(-1, keepdim=True)).reshape(regions.shape).numpy()  # softmax of the scores
+    assert regions.max() >= 2 and (regions == 0).any()  # maps with background and several regions
+
+    for i in range(len(images)):
+        for h in range(heads):
+            panels = figure.axes[i * (1 + 2 * heads) + 1 + 2 * h :][:2]  # the map, then its regions
+            colours = cell_colours(pixels, panels[1], grid)
+            assert ((colours == 0).all(-1) == (regions[i, h] == 0)).all(), (i, h)  # black: not above the mean
+            same_colour = (colours[:, :, None, None] == colours[None, None]).all(-1)
+            same_region = regions[i, h][:, :, None, None] == regions[i, h][None, None]
+            assert (same_colour == same_region).all(), (i, h)  # one colour per region
+            expected = (maps[i, h] - maps[i, h].min()) / (maps[i, h].max() - maps[i, h].min())  # imshow's scaling
+            np.testing.assert_allclose(inferno_values(cell_colours(pixels, panels[0], grid)), expected, atol=0.01)
 
 
 def test_cls_attention_sar_equals_eager_vit(models, images, processor):
