@@ -94,53 +94,47 @@ class _RegionEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores, gh, gw, connectivity):
-        # Rows with NaN or ±inf have a non-finite largest |s|: they get entropy 0 and gradient 0
-        # (masked per map below; their pixels stay inside their own map's slots). Rows with a
-        # huge |s| are scaled by an exact power of two; every other row by exactly 1.
-        magnitude = torch.linalg.vector_norm(scores, ord=float("inf"), dim=-1, keepdim=True)
+        # The largest |s| of each row: not finite for rows with NaN or ±inf, which get entropy 0 and
+        # gradient 0 (masked per map below; their pixels stay inside their own map's slots).
+        magnitude = torch.maximum(scores.amax(dim=-1, keepdim=True), scores.amin(dim=-1, keepdim=True).neg())
         valid = torch.isfinite(magnitude)
-        scale = torch.exp2(-torch.log2(magnitude / _SAFE_MAGNITUDE).ceil().clamp(min=0))
-        scale = torch.where(valid, scale, 1.0)
-        # Step 2, the mean of the scaled row. A float32 row sums without overflow in float64;
-        # a float64 row has no wider type, so it is scaled first.
-        if scores.dtype == torch.float64:
-            total = (scores * scale).sum(dim=-1, keepdim=True)
-        else:
-            total = scores.sum(dim=-1, keepdim=True, dtype=torch.float64) * scale
-        mean = (total / scores.shape[-1]).to(scores.dtype)
-        x = torch.addcmul(-mean, scores, scale)  # s*scale - mean, exact to one rounding
-        mask = x > 0  # the same as s*scale > mean
-        labels, _ = label_maps(mask.reshape(-1, gh, gw), connectivity)  # step 3
-        labels = labels.reshape(x.shape)
+        # An exact power of two that brings the largest |s| below 2**60, so that neither `s - mean`
+        # nor a region's sum can overflow: 2**-k, k = max(e - 60, 0) for |s| = f * 2**e, 0.5 <= f < 1;
+        # exactly 1 for ordinary rows (and whatever for skipped ones).
+        scale = torch.exp2((60 - torch.frexp(magnitude).exponent).clamp(max=0).to(scores.dtype))
+        x = scores * scale
+        x -= x.sum(dim=-1, keepdim=True) / x.shape[-1]  # step 2: s - mean, of the scaled row
+        mask = x > 0  # s > mean: a float difference is 0 only for equal numbers, and keeps the sign
+        labels = label_maps(mask.reshape(-1, gh, gw), connectivity)[0].reshape(x.shape)  # step 3
         # Step 4 without the relu: only the mask reaches a region slot (the background lands in
         # slot 0, which is cleared). The eps goes on after the subtraction: folded into
         # `eps - mean` it would round away whenever |mean| > ~0.02.
-        x.add_(_EPS)
-        # Step 5, into as many slots as the grid can hold regions (a bound fixed by the grid, so
-        # no shape depends on the data).
-        n_slots = max_regions(gh, gw, connectivity) + 1
-        mass = x.new_zeros(x.shape[0], n_slots).scatter_add_(1, labels, x)
-        mass[:, 0].zero_()
-        mass_total = mass.sum(dim=-1, keepdim=True)
-        p = mass / torch.where(mass_total > 0, mass_total, 1.0)
-        # Step 6: empty slots (p = 0) contribute 0.
+        x += _EPS
+        # Step 5, into as many slots as the grid can hold regions: a bound fixed by the grid, so
+        # no shape depends on the data.
+        mass = x.new_zeros(x.shape[0], max_regions(gh, gw, connectivity) + 1).scatter_add_(1, labels, x)
+        mass[:, 0] = 0
+        total = mass.sum(dim=-1, keepdim=True)
+        total = torch.where(total > 0, total, 1.0)  # an empty mask has no regions and entropy 0
+        p = mass / total
+        # Step 6. Every region has p > 0 (its pixels have s > mean); empty slots give 0 * log 1.
         log_p = torch.log(torch.where(p > 0, p, 1.0))
-        entropy = -(p * log_p).sum(dim=-1)
-        valid = valid.squeeze(-1)
-        entropy = torch.where(valid, entropy, 0.0)
-        ctx.save_for_backward(labels, p, log_p, entropy, mass_total, scale, valid)
-        ctx.mark_non_differentiable(valid)
-        return entropy, valid
+        valid_map = valid.squeeze(-1)
+        entropy = torch.where(valid_map, (p * log_p).sum(dim=-1).neg(), 0.0)
+        ctx.save_for_backward(labels, log_p, entropy, total, scale, valid)
+        ctx.mark_non_differentiable(valid_map)
+        return entropy, valid_map
 
     @staticmethod
     def backward(ctx, grad_entropy, _grad_valid):
-        labels, p, log_p, entropy, mass_total, scale, valid = ctx.saved_tensors
-        # g_r per slot, times the incoming gradient and the row's scale; 0 for empty slots
-        # (slot 0 included) and for skipped maps, whatever their non-finite values.
-        weight = grad_entropy.unsqueeze(-1) * scale / torch.where(mass_total > 0, mass_total, 1.0)
-        g = torch.where((p > 0) & valid.unsqueeze(-1), -(log_p + entropy.unsqueeze(-1)) * weight, 0.0)
+        labels, log_p, entropy, total, scale, valid = ctx.saved_tensors
+        # g_r for every slot, times the incoming gradient and the row's scale (x = s * scale - ...);
+        # 0 for skipped maps, whose log_p is finite (non-finite p were replaced by 1 above).
+        weight = torch.where(valid, grad_entropy.unsqueeze(-1) * scale / total, 0.0)
+        g = (log_p + entropy.unsqueeze(-1)).mul_(weight.neg())
+        g[:, 0] = 0  # the background; other empty slots are never gathered
         grad = torch.gather(g, 1, labels)
-        grad -= grad.mean(dim=-1, keepdim=True)
+        grad -= grad.mean(dim=-1, keepdim=True)  # through the mean
         return grad, None, None, None
 
 
