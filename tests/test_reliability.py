@@ -19,11 +19,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import TINY
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, ViTForImageClassification, pipeline
+from tiny import TINY, TinyImages
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    TrainingArguments,
+    ViTForImageClassification,
+    ViTImageProcessor,
+    pipeline,
+)
 
 import sar_hf
 from sar_hf.checkpoints import last_complete_checkpoint
+from sar_hf.data import load_image_processor
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -138,9 +147,9 @@ def test_the_unpickling_guard_refuses_each_way_to_unpickle(tmp_path, unpickling)
 
 
 def test_loading_what_the_package_writes_unpickles_nothing(tmp_path, unpickling, monkeypatch):
-    """Every artifact the package writes, read back the ways it is read: the training script's
-    checkpoints and its resume (SARTrainer's reloading, the checkpoint checks), a fine-tuning run
-    from its output (config, weights, image processor), the Auto classes, `pipeline` and plain ViT."""
+    """Every artifact the package writes, read back the ways it is read: SARTrainer's checkpoints and
+    its resume, the checkpoint checks, a saved model's weights, config and image processor (the SAR
+    classes, the Auto classes, plain ViT, `pipeline`, `load_image_processor`)."""
     resumed_from = []
     load_from_checkpoint = sar_hf.SARTrainer._load_from_checkpoint
 
@@ -149,22 +158,43 @@ def test_loading_what_the_package_writes_unpickles_nothing(tmp_path, unpickling,
         return load_from_checkpoint(self, folder, *args, **kwargs)
 
     monkeypatch.setattr(sar_hf.SARTrainer, "_load_from_checkpoint", spy)
-    trained, tuned, no_skip = tmp_path / "trained", tmp_path / "tuned", tmp_path / "no-skip"
-    steps = ["--save_steps", "2", "--output_dir", str(trained)]
-    run_sar.main([*RUN, "--max_steps", "4", *steps])
-    run_sar.main([*RUN, "--max_steps", "6", *steps, "--resume_from_checkpoint", "True"])
-    assert resumed_from == ["checkpoint-4"]
-    run_sar.main([*RUN, "--max_steps", "2", "--model_name_or_path", str(trained), "--output_dir", str(tuned)])
-    sar_hf.SARViTForImageClassification(sar_hf.SARViTConfig(**TINY, sar_no_skip_no_norm=True)).save_pretrained(no_skip)
+    processor = ViTImageProcessor(size={"height": 16, "width": 16})
 
-    for folder in (tuned, no_skip):
+    def train(steps: int, resume: str | None = None) -> sar_hf.SARTrainer:
+        torch.manual_seed(0)
+        model = sar_hf.SARViTForImageClassification(sar_hf.SARViTConfig(**TINY))
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "run"),
+            max_steps=steps,
+            per_device_train_batch_size=4,
+            save_strategy="steps",
+            save_steps=2,
+            report_to="none",
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        trainer = sar_hf.SARTrainer(model=model, args=args, train_dataset=TinyImages(), processing_class=processor)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    train(4)
+    checkpoint = last_complete_checkpoint(str(tmp_path / "run"))
+    assert pathlib.Path(checkpoint).name == "checkpoint-4"
+    train(6, resume=checkpoint).save_model(str(tmp_path / "model"))  # weights, config, image processor
+    assert resumed_from == ["checkpoint-4"]
+    no_skip = sar_hf.SARViTForImageClassification(sar_hf.SARViTConfig(**TINY, sar_no_skip_no_norm=True))
+    no_skip.save_pretrained(tmp_path / "no-skip")
+
+    for folder in (tmp_path / "model", tmp_path / "no-skip"):
         for model_class in (sar_hf.SARViTForImageClassification, AutoModelForImageClassification, AutoModel):
             assert type(model_class.from_pretrained(folder).config) is sar_hf.SARViTConfig
         assert type(AutoConfig.from_pretrained(folder)) is sar_hf.SARViTConfig
-    ViTForImageClassification.from_pretrained(tuned)
+    folder = str(tmp_path / "model")
+    ViTForImageClassification.from_pretrained(folder)
+    assert load_image_processor(folder).size == processor.size
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8))
-    assert len(pipeline("image-classification", model=str(tuned), device="cpu")(image)) > 0
-    assert len(pipeline("image-feature-extraction", model=str(tuned), device="cpu")(image)) == 1
+    assert len(pipeline("image-classification", model=folder, device="cpu")(image)) > 0
+    assert len(pipeline("image-feature-extraction", model=folder, device="cpu")(image)) == 1
     assert unpickling == []
 
 
