@@ -103,6 +103,8 @@ Left out of DeiT's recipe: stochastic depth (Transformers' ViT has no drop path)
 augmentation (DeiT's distributed sampler shows each image three times per batch, augmented apart,
 across the GPUs; Trainer's samplers have no such mode); and the EMA of the weights (Trainer keeps
 none; DeiT reports small gains that vanish after fine-tuning). Evaluation is never augmented.
+Every draw of the augmentations comes from torch's generator, which `--seed` seeds: one seed gives
+the same batches and, on the CPU, the same run.
 """
 
 import logging
@@ -821,6 +823,7 @@ def main(args: list[str] | None = None) -> dict:
     script_level = logging.INFO if training_args.should_log and training_args.log_level == "passive" else log_level
     for name in (__name__, "sar_hf"):
         logging.getLogger(name).setLevel(script_level)
+
     checkpoint = resolve_checkpoint(model_args, training_args)
     with training_args.main_process_first(desc="loading and checking the dataset"):
         dataset, skipped = load_data(model_args, data_args, training_args)

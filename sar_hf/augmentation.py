@@ -34,10 +34,11 @@ from kornia.augmentation.auto.rand_augment.rand_augment import default_policy
 
 from .data import ImageTransform
 
-#: The operations RandAugment picks from (kornia's default policy, timm's `inc1` set).
+#: The operations RandAugment picks from: kornia's default policy, the 15 of timm's `inc1` set.
 RANDAUGMENT_OPERATIONS = len(default_policy)
-#: timm's RandAugment scale: magnitudes 0..10 (DeiT: 9); kornia's is 0..30.
+#: timm's RandAugment scale: magnitudes 0..10 (DeiT: 9).
 RANDAUGMENT_MAX_MAGNITUDE = 10.0
+_KORNIA_MAX_MAGNITUDE = 30.0  # kornia's RandAugment scale
 #: timm applies each of the operations that RandAugment picks with this probability.
 RANDAUGMENT_OPERATION_PROB = 0.5
 
@@ -107,8 +108,8 @@ class TrainImageTransform:
             if self.magnitude_std:
                 magnitude += self.magnitude_std * torch.randn(()).item()
                 magnitude = min(max(magnitude, 0.0), RANDAUGMENT_MAX_MAGNITUDE)
-            self.randaugment.m = magnitude * 30 / RANDAUGMENT_MAX_MAGNITUDE  # kornia's scale
-            pixels = self.randaugment(pixels).clamp(0, 1)
+            self.randaugment.m = magnitude * _KORNIA_MAX_MAGNITUDE / RANDAUGMENT_MAX_MAGNITUDE
+            pixels = self.randaugment(pixels).clamp(0, 1)  # as timm's operations on 8-bit images keep them
         pixels = self.image_transform.normalize(pixels)
         if self.erasing is not None:
             pixels = self.erasing(pixels)

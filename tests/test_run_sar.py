@@ -485,7 +485,8 @@ def test_push_to_hub_uploads_the_model_and_its_card(tmp_path, monkeypatch):
     for owner in (huggingface_hub.HfApi, transformers.trainer):
         monkeypatch.setattr(owner, "create_repo", create_repo, raising=False)
         monkeypatch.setattr(owner, "upload_folder", upload_folder, raising=False)
-    _run(tmp_path, "--push_to_hub", "--hub_model_id", "someone/sar-digits", "--save_strategy", "no")
+    _, out = _run(tmp_path, "--push_to_hub", "--hub_model_id", "someone/sar-digits", "--save_strategy", "no")
+    _train_logs(out)
     assert calls["create_repo"] == ["someone/sar-digits"]
     # Trainer.save_model pushes too (as in Transformers' own example scripts); the last push is the final one.
     assert calls["upload_folder"] and {repo_id for repo_id, _, _ in calls["upload_folder"]} == {"someone/sar-digits"}
@@ -573,6 +574,7 @@ def test_load_best_model_at_end_restores_every_weight(tmp_path):
     args = ["--num_train_epochs", "2", "--load_best_model_at_end", "True", "--metric_for_best_model", "loss",
             "--greater_is_better", "True", "--augment", "False"]  # fmt: skip
     _, out = _run(tmp_path, *args)
+    _train_logs(out)
     best = _state(out)["best_model_checkpoint"]
     assert best is not None and best.endswith("checkpoint-4")
     final, saved = load_file(out / "model.safetensors"), load_file(os.path.join(best, "model.safetensors"))

@@ -1,0 +1,26 @@
+"""benchmarks/bench_recipe.py end to end on a tiny setting, so that its one-command measurement keeps working."""
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_recipe  # noqa: E402
+
+
+@pytest.mark.slow
+def test_bench_recipe_times_both_runs_and_reports_the_ratio(tmp_path):
+    tiny = ["--model_preset", "tiny", "--max_train_samples", "32", "--max_eval_samples", "16", "--num_train_epochs",
+            "1", "--per_device_train_batch_size", "16", "--attention_figure_images", "0"]  # fmt: skip
+    stem = tmp_path / "bench_recipe"
+    bench_recipe.main(["--device", "cpu", "--pairs", "1", "--output", str(stem), "--", *tiny])
+    report = json.loads(stem.with_suffix(".json").read_text())
+    assert [run["variant"] for run in report["runs"]] == ["plain", "recipe"]
+    assert all(run["wall_seconds"] > run["train_seconds"] > 0 for run in report["runs"])
+    summary, (plain, recipe) = report["summary"], report["runs"]
+    assert summary["wall_ratio"] == pytest.approx(recipe["wall_seconds"] / plain["wall_seconds"])
+    assert 0 <= summary["recipe"]["test_accuracy"][0] <= 1
+    assert "| recipe |" in stem.with_suffix(".md").read_text()
