@@ -167,12 +167,14 @@ def _label_propagation(maps: torch.Tensor, connectivity: int) -> tuple[torch.Ten
     n = gh * gw
     fg = maps.reshape(m, n)
     local = torch.arange(n, device=maps.device).expand(m, n)
+    own = local.unsqueeze(1) * torch.tensor([-1, 1], device=maps.device).view(1, 2, 1)  # (-i, i) per pixel
     parent = local.clone()
     trees = n  # a bound on the trees of one component at the start of the round
     for _ in range(propagation_rounds(n)):
-        lo, hi = _touching_roots(parent, fg, gh, gw, connectivity)
-        root_lo = local.clone().scatter_reduce_(1, parent, lo, reduce="amin")
-        root_hi = local.clone().scatter_reduce_(1, parent, hi, reduce="amax")
+        # (-smallest, largest) touching root of each tree, gathered at its root in one scatter.
+        best = _touching_roots(parent, fg, gh, gw, connectivity)
+        root = own.clone().scatter_reduce_(2, parent.unsqueeze(1).expand(m, 2, n), best, reduce="amax")
+        root_lo, root_hi = root[:, 0].neg(), root[:, 1]
         hooks = root_lo < local
         hit = torch.zeros_like(parent).scatter_add_(1, root_lo, hooks.long()) > 0
         stagnant = ~hooks & ~hit & (root_hi > local)
@@ -190,24 +192,23 @@ def _label_propagation(maps: torch.Tensor, connectivity: int) -> tuple[torch.Ten
 
 
 def _touching_roots(parent, fg, gh, gw, connectivity):
-    """Smallest and largest parent among each foreground pixel's neighbourhood (itself included).
+    """(-smallest, largest) parent over each foreground pixel's neighbourhood, itself included.
 
-    [M, n] int64 parents, [M, n] bool foreground -> two [M, n] int64 tensors; background pixels
-    get their own parent, so that they never hook. Local indices are exact in float32 up to
-    2**24 pixels per map.
+    [M, n] int64 parents, [M, n] bool foreground -> [M, 2, n] int64. A background pixel gets its
+    own (-parent, parent), so that it never hooks. Local indices are exact in float32 up to 2**24
+    pixels per map.
     """
     m, n = parent.shape
-    # Channel 0 holds -parent (its max is -min), channel 1 parent; the background can win neither.
-    values = torch.stack((torch.where(fg, -parent, -n), torch.where(fg, parent, -1)), dim=1)
-    values = values.reshape(m, 2, gh, gw).float()
+    own = parent.unsqueeze(1).float() * torch.tensor([-1.0, 1.0], device=parent.device).view(1, 2, 1)
+    fg = fg.unsqueeze(1)
+    values = torch.where(fg, own, float("-inf")).reshape(m, 2, gh, gw)  # the background never wins
     if connectivity == 8:
         best = F.max_pool2d(values, 3, stride=1, padding=1)
     else:
         best = values
         for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
             best = torch.maximum(best, _shift(values, dy, dx))
-    best = best.long().reshape(m, 2, n)
-    return torch.where(fg, -best[:, 0], parent), torch.where(fg, best[:, 1], parent)
+    return torch.where(fg, best.reshape(m, 2, n), own).long()
 
 
 def _shift(value: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
