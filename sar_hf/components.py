@@ -167,12 +167,13 @@ def _label_propagation(maps: torch.Tensor, connectivity: int) -> tuple[torch.Ten
     n = gh * gw
     fg = maps.reshape(m, n)
     local = torch.arange(n, device=maps.device).expand(m, n)
-    own = local.unsqueeze(1) * torch.tensor([-1, 1], device=maps.device).view(1, 2, 1)  # (-i, i) per pixel
+    signs = torch.arange(-1, 2, 2, device=maps.device).view(1, 2, 1)  # (-1, 1), made on the device
+    own = local.unsqueeze(1) * signs  # (-i, i) per pixel
     parent = local.clone()
     trees = n  # a bound on the trees of one component at the start of the round
     for _ in range(propagation_rounds(n)):
         # (-smallest, largest) touching root of each tree, gathered at its root in one scatter.
-        best = _touching_roots(parent, fg, gh, gw, connectivity)
+        best = _touching_roots(parent, fg, gh, gw, connectivity, signs)
         root = own.clone().scatter_reduce_(2, parent.unsqueeze(1).expand(m, 2, n), best, reduce="amax")
         root_lo, root_hi = root[:, 0].neg(), root[:, 1]
         hooks = root_lo < local
@@ -191,15 +192,15 @@ def _label_propagation(maps: torch.Tensor, connectivity: int) -> tuple[torch.Ten
     return labels.reshape(m, gh, gw), rank[:, -1]
 
 
-def _touching_roots(parent, fg, gh, gw, connectivity):
+def _touching_roots(parent, fg, gh, gw, connectivity, signs):
     """(-smallest, largest) parent over each foreground pixel's neighbourhood, itself included.
 
-    [M, n] int64 parents, [M, n] bool foreground -> [M, 2, n] int64. A background pixel gets its
-    own (-parent, parent), so that it never hooks. Local indices are exact in float32 up to 2**24
-    pixels per map.
+    [M, n] int64 parents, [M, n] bool foreground, [1, 2, 1] int64 signs (-1, 1) -> [M, 2, n] int64.
+    A background pixel gets its own (-parent, parent), so that it never hooks. Local indices are
+    exact in float32 up to 2**24 pixels per map.
     """
     m, n = parent.shape
-    own = parent.unsqueeze(1).float() * torch.tensor([-1.0, 1.0], device=parent.device).view(1, 2, 1)
+    own = (parent.unsqueeze(1) * signs).float()
     fg = fg.unsqueeze(1)
     values = torch.where(fg, own, float("-inf")).reshape(m, 2, gh, gw)  # the background never wins
     if connectivity == 8:

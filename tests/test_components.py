@@ -258,14 +258,17 @@ def test_every_round_at_least_halves_the_trees_of_each_component(rounds, connect
 
 
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+HOST_FUNCTIONS = ("equal", "tensor", "as_tensor")
 
 
 def count_host_reads(monkeypatch) -> dict[str, int]:
-    """Counts, from now on, calls of the tensor methods (and `torch.equal`) that read values on the host.
+    """Counts, from now on, calls that move values between the host and the tensors' device.
 
-    On a GPU each of them is a synchronisation; on CPU tensors the count shows where they would be.
+    The tensor methods that read values on the host, `torch.equal`, and `torch.tensor` /
+    `torch.as_tensor` (a copy from host memory): on a GPU each of them synchronises (and cannot be
+    captured in a CUDA graph); on CPU tensors the count shows where they would be.
     """
-    counts = dict.fromkeys((*HOST_READS, "equal"), 0)
+    counts = dict.fromkeys((*HOST_READS, *HOST_FUNCTIONS), 0)
 
     def counted(name, original):
         def wrapper(*args, **kwargs):
@@ -276,7 +279,8 @@ def count_host_reads(monkeypatch) -> dict[str, int]:
 
     for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
-    monkeypatch.setattr(torch, "equal", counted("equal", torch.equal))
+    for name in HOST_FUNCTIONS:
+        monkeypatch.setattr(torch, name, counted(name, getattr(torch, name)))
     return counts
 
 
