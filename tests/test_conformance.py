@@ -27,83 +27,51 @@ except transformers_sdist.SdistUnavailable as error:
     pytest.skip(str(error), allow_module_level=True)
 
 
-class ViTFamilyModelTester:
-    """Tiny configs and inputs for a ViT-family test class; the sizes are those of `ViTModelTester`."""
+# The config of Transformers' `ViTModelTester`.
+VIT_TESTER_CONFIG = {
+    "image_size": 30,
+    "patch_size": 2,
+    "num_channels": 3,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 37,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "initializer_range": 0.02,
+    "encoder_stride": 2,
+    "attn_implementation": "eager",
+    "is_decoder": False,
+}
 
-    def __init__(
-        self,
-        parent,
-        config_class=ViTConfig,
-        config_settings=None,
-        batch_size=13,
-        image_size=30,
-        patch_size=2,
-        num_channels=3,
-        is_training=True,
-        use_labels=True,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        hidden_act="gelu",
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
-        type_sequence_label_size=10,
-        initializer_range=0.02,
-        encoder_stride=2,
-        attn_implementation="eager",
-        mask_ratio=0.5,
-    ):
+
+class ViTFamilyModelTester:
+    """Tiny configs and inputs for a ViT-family test class, with the sizes of `ViTModelTester`."""
+
+    batch_size = 13
+    is_training = True
+    type_sequence_label_size = 10
+
+    def __init__(self, parent, config_class=ViTConfig, config_settings=None):
         self.parent = parent
         self.config_class = config_class
-        self.config_settings = config_settings or {}
-        self.batch_size = batch_size
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.num_channels = num_channels
-        self.is_training = is_training
-        self.use_labels = use_labels
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.intermediate_size = intermediate_size
-        self.hidden_act = hidden_act
-        self.hidden_dropout_prob = hidden_dropout_prob
-        self.attention_probs_dropout_prob = attention_probs_dropout_prob
-        self.type_sequence_label_size = type_sequence_label_size
-        self.initializer_range = initializer_range
-        self.encoder_stride = encoder_stride
-        self.attn_implementation = attn_implementation
-        # The sequence is the patches plus the [CLS] token.
-        num_patches = (image_size // patch_size) ** 2
-        self.seq_length = num_patches + 1
+        self.config_kwargs = {**VIT_TESTER_CONFIG, **(config_settings or {})}
+        for name, value in VIT_TESTER_CONFIG.items():  # the common tests read the sizes from the tester
+            setattr(self, name, value)
+        num_patches = (self.image_size // self.patch_size) ** 2
+        self.seq_length = num_patches + 1  # the patches and the [CLS] token
         # The common suite's SDPA-against-eager tests mask this many positions of a `mask_length` mask.
-        self.num_masks = int(mask_ratio * self.seq_length)
+        self.num_masks = int(0.5 * self.seq_length)
         self.mask_length = num_patches
 
     def prepare_config_and_inputs(self):
         pixel_values = common.floats_tensor([self.batch_size, self.num_channels, self.image_size, self.image_size])
-        labels = common.ids_tensor([self.batch_size], self.type_sequence_label_size) if self.use_labels else None
+        labels = common.ids_tensor([self.batch_size], self.type_sequence_label_size)
         return self.get_config(), pixel_values, labels
 
     def get_config(self):
-        return self.config_class(
-            image_size=self.image_size,
-            patch_size=self.patch_size,
-            num_channels=self.num_channels,
-            hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            intermediate_size=self.intermediate_size,
-            hidden_act=self.hidden_act,
-            hidden_dropout_prob=self.hidden_dropout_prob,
-            attention_probs_dropout_prob=self.attention_probs_dropout_prob,
-            is_decoder=False,
-            initializer_range=self.initializer_range,
-            encoder_stride=self.encoder_stride,
-            attn_implementation=self.attn_implementation,
-            **self.config_settings,
-        )
+        return self.config_class(**self.config_kwargs)
 
     def create_and_check_model(self, model_class, config, pixel_values, labels):
         model = model_class(config).to(torch_device).eval()
