@@ -2,29 +2,25 @@
 
 Transformers' ViT-family classifiers (ViT, DeiT, DINOv2 with or without registers, BEiT, ViT-MSN,
 CLIP's image classifier) look their attention kernel up in the registry `ALL_ATTENTION_FUNCTIONS`
-by `config._attn_implementation` and call it with the attention module itself, q and k of shape
+by `config._attn_implementation`, falling back to their modeling file's own
+`eager_attention_forward`, and call it with the attention module itself, q and k of shape
 `[B, heads, N, d]` (after any adapter such as LoRA, and any rotary embedding) and an additive mask
-that carries relative position biases (BEiT). The capture wraps the registered kernel once, under
-its own name, so that the masking utilities and flash kernels, which look implementations up by
-name, see nothing new. The wrapper records *views* of q's [CLS] row, k and the mask when the
-calling module is the one a capture marked, then runs the kernel untouched: every layer keeps
-SDPA (or flash, or flex), and nothing N×N is built for the loss. The scores are formed after the
-forward pass, outside the layer, so gradient checkpointing replays the layer exactly.
-
-Under eager attention no kernel is looked up (each model calls its own `eager_attention_forward`);
-the capture then reads the [CLS] row of the attention probabilities that the marked module
-returns, N×N maps that eager attention builds anyway. Their log equals the scores up to a
-per-row constant, which changes neither the mask nor the entropy.
+that carries relative position biases (BEiT). The capture wraps that kernel once, under its own
+name (in the registry, or in the modeling file for eager attention), so that the masking
+utilities and flash kernels, which look implementations up by name, see nothing new. The wrapper
+records *views* of q's [CLS] row, k and the mask when the calling module is the one a capture
+marked, then runs the kernel untouched: every layer keeps SDPA (or flash, flex, eager), and
+nothing N×N is built for the loss. The scores are formed after the forward pass, outside the
+layer, so gradient checkpointing replays the layer exactly, and attention dropout, which acts
+on the probabilities, never reaches them.
 """
 
 import functools
+import sys
 from typing import NamedTuple
 
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-from transformers.utils import logging
-
-logger = logging.get_logger(__name__)
 
 _MARK = "_sar_capture"  # the attribute that marks the captured attention module
 
@@ -87,13 +83,7 @@ class CLSScoreCapture:
         self._handles = [
             base.register_forward_pre_hook(self._begin, with_kwargs=True),
             base.register_forward_hook(self._end, always_call=True),
-            self.module.register_forward_hook(self._record_probabilities),
         ]
-        if _uses_eager(self.module):
-            logger.warning_once(
-                f"{type(base).__name__} runs eager attention, so SAR reads the [CLS] row of its N×N attention "
-                "probabilities; load it with the default (SDPA) attention to keep the fast kernel in every layer."
-            )
 
     @property
     def pending(self) -> bool:
@@ -115,8 +105,8 @@ class CLSScoreCapture:
         self._state, recorded, self._recorded = "idle", self._recorded, None
         if recorded is None:
             raise RuntimeError(
-                f"{type(self.module).__name__} ran without passing through the attention-function registry, so "
-                f"no [CLS] scores were captured (attention implementation "
+                f"{type(self.module).__name__} ran without passing through the attention-function registry or its "
+                f"`eager_attention_forward`, so no [CLS] scores were captured (attention implementation "
                 f"{self.module.config._attn_implementation!r}). Register custom kernels with "
                 "`AttentionInterface.register` before the forward pass."
             )
@@ -139,8 +129,7 @@ class CLSScoreCapture:
         self._training = model.training
         self._recorded = None
         self._state = "running"
-        if not _uses_eager(self.module):
-            _wrap_kernel(self.module.config._attn_implementation)
+        _wrap_kernel(self.module)
 
     def _end(self, model, args, output):
         if self._state == "running":
@@ -152,20 +141,7 @@ class CLSScoreCapture:
         # backward, and that replay must not replace what the loss already used.
         if self._state == "running":
             scaling = query.shape[-1] ** -0.5 if scaling is None else scaling  # SDPA's default
-            self._recorded = ("scores", query[:, :, :1], key, mask, scaling)
-
-    def _record_probabilities(self, module, args, output):
-        probabilities = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        if self._state != "running" or self._recorded is not None or probabilities is None:
-            return
-        dropout = getattr(module, "attention_dropout", getattr(module, "dropout", 0.0))
-        if module.training and isinstance(dropout, float) and dropout > 0:
-            raise ValueError(
-                f"Under eager attention SAR reads the attention probabilities, which attention dropout "
-                f"({dropout}) changes in training; use the default (SDPA) attention, or set the attention "
-                "dropout to 0."
-            )
-        self._recorded = ("probabilities", probabilities)
+            self._recorded = (query[:, :, :1], key, mask, scaling)
 
     def _grid_of(self, pixel_values) -> tuple[int, int]:
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
@@ -183,15 +159,8 @@ class CLSScoreCapture:
         return height // ph, width // pw
 
 
-def _cls_scores(kind: str, *recorded, num_patches: int) -> torch.Tensor:
-    """What a marked layer recorded -> pre-softmax [CLS]-to-patch scores `[B, heads, num_patches]`."""
-    if kind == "probabilities":
-        (probabilities,) = recorded
-        _check_tokens(probabilities.shape[-1], num_patches)
-        row = probabilities[:, :, 0, -num_patches:]
-        # A probability that underflowed to 0 stays finite (and below the mean).
-        return torch.log(row.float().clamp(min=torch.finfo(row.dtype).tiny))
-    query, key, mask, scaling = recorded
+def _cls_scores(query, key, mask, scaling, num_patches: int) -> torch.Tensor:
+    """The marked layer's [CLS] query `[B, h, 1, d]`, keys `[B, h, N, d]` and mask -> scores `[B, h, num_patches]`."""
     _check_tokens(key.shape[-2], num_patches)
     if key.shape[1] != query.shape[1]:  # grouped keys: each serves several query heads
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
@@ -229,15 +198,18 @@ def _capturing(kernel):
     return attention
 
 
-def _wrap_kernel(name: str):
-    """Wraps the kernel registered as `name`, once (again if someone registers a new one)."""
+def _wrap_kernel(module):
+    """Wraps the kernel that `module` will call, once (again if someone registers a new one)."""
+    name = module.config._attn_implementation
+    if name in (None, "eager"):  # the registry falls back to the modeling file's own function
+        modeling = sys.modules[type(module).__module__]
+        kernel = getattr(modeling, "eager_attention_forward", None)
+        if kernel is not None and not hasattr(kernel, "sar_wraps"):
+            modeling.eager_attention_forward = _capturing(kernel)
+        return
     kernel = ALL_ATTENTION_FUNCTIONS.get(name)
     if kernel is not None and not hasattr(kernel, "sar_wraps"):
         AttentionInterface.register(name, _capturing(kernel))
-
-
-def _uses_eager(module) -> bool:
-    return module.config._attn_implementation in (None, "eager")
 
 
 def _layer_index(layer: int, layers: int) -> int:

@@ -18,6 +18,8 @@ class SARStats:
 
     def update(self, training: bool, entropy: torch.Tensor, ce_loss: torch.Tensor | None, skipped: torch.Tensor):
         """Add one forward pass: 0-dim `entropy` (nats), `ce_loss` (nats, or None) and `skipped` (maps)."""
+        if torch.compiler.is_exporting():  # `torch.export` traces with fake tensors: nothing to log
+            return
         ce = torch.full_like(entropy, float("nan")) if ce_loss is None else ce_loss.float()
         row = torch.stack([entropy.float(), ce, skipped.float(), torch.ones_like(entropy, dtype=torch.float)])
         row = row.detach()

@@ -207,28 +207,28 @@ def test_layer_out_of_range_and_a_second_capture_are_value_errors():
         CLSScoreCapture(model)
 
 
-# -- eager attention: the attention-map path ---------------------------------------------------------
+# -- eager attention ----------------------------------------------------------------------------------
 
 
-def test_eager_models_fall_back_to_their_attention_maps(caplog):
-    model = eager_twin(build("deit"))
-    with caplog.at_level("WARNING"):
-        loss_fn = SpatialEntropyLoss(model)
-    assert "runs eager attention" in caplog.text
+def test_eager_attention_is_captured_before_its_dropout():
+    """Eager attention (here with attention dropout 0.1, in training) gives layer 0 the same scores
+    as SDPA in eval mode: they are taken from q and k, before the softmax and its dropout."""
+    model = build("deit")
+    eager = eager_twin(model).train()
+    for module in eager.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.1
+    sdpa_scores, eager_scores = (SpatialEntropyLoss(m, sar_layer=0).capture for m in (model, eager))
     pixel_values = pixels()
     with torch.no_grad():
         model(pixel_values, interpolate_pos_encoding=True)
-    scores, _, _ = loss_fn.capture.pop()
-    log_probs = eager_cls_log_probs(model, pixel_values, -1, 24, interpolate_pos_encoding=True)
-    torch.testing.assert_close(scores.double(), log_probs, rtol=0, atol=1e-5)
-
-
-def test_eager_attention_with_dropout_in_training_is_refused():
-    config = DeiTConfig(**VISION, num_labels=3, attention_probs_dropout_prob=0.1, attn_implementation="eager")
-    model = DeiTForImageClassification(config).train()
-    SpatialEntropyLoss(model)
-    with pytest.raises(ValueError, match="attention dropout"):
-        model(pixels(height=16, width=16))
+        eager(pixel_values, interpolate_pos_encoding=True)
+    scores, _, _ = sdpa_scores.pop()
+    captured, _, training = eager_scores.pop()
+    assert training and eager.config._attn_implementation == "eager"
+    with torch.no_grad():  # the dropout is on: two passes differ
+        assert not torch.equal(*(eager(pixel_values, interpolate_pos_encoding=True).logits for _ in range(2)))
+    torch.testing.assert_close(captured, scores, rtol=1e-5, atol=1e-5)
 
 
 # -- PEFT ----------------------------------------------------------------------------------------

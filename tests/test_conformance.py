@@ -7,7 +7,6 @@ cannot be reached). The tester is ours, with the sizes and the pattern of Transf
 what Transformers' `ViTModelTest` adds to the mixin: its overrides and its skips, for its reasons.
 """
 
-import contextlib
 import re
 import unittest
 from unittest import mock
@@ -175,17 +174,6 @@ class ViTControlTest(ViTFamilyModelTest, unittest.TestCase):
     """Plain ViT under the same tester: what the SAR models are held to."""
 
 
-# The SAR-only failures: the tester runs eager attention with attention dropout 0.1, as ViT's does.
-# Under eager attention `sar_hf.capture` reads the [CLS] row of the attention probabilities, which
-# come after the dropout, and refuses any training-mode forward pass on them (ValueError, labels or
-# not); under SDPA it takes the scores before the softmax, and trains.
-EAGER_DROPOUT = pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="SAR refuses to train under eager attention with attention dropout (sar_hf/capture.py)",
-)
-
-
 class SARViTModelTest(ViTFamilyModelTest, unittest.TestCase):
     config_class = SARViTConfig
     base_model_class = SARViTModel
@@ -196,26 +184,12 @@ class SARViTModelTest(ViTFamilyModelTest, unittest.TestCase):
         "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES": {"sar-vit": "SARViTForImageClassification"},
     }
 
-    @EAGER_DROPOUT
-    def test_training(self):
-        super().test_training()
-
-    @EAGER_DROPOUT
-    def test_problem_types(self):
-        # Without its subtests, whose failures pytest reports on their own, leaving the test passed.
-        with mock.patch.object(self, "subTest", lambda *args, **kwargs: contextlib.nullcontext()):
-            super().test_problem_types()
-
 
 class SARViTNoSkipNoNormModelTest(SARViTModelTest):
     """The classifier with the authors' last block; its encoder class is under the common tests above."""
 
     config_settings = {"sar_no_skip_no_norm": True}
     all_model_classes = (SARViTForImageClassification,)
-
-    @EAGER_DROPOUT  # it trains the first of `all_model_classes`: here the classifier, above the encoder
-    def test_retain_grad_hidden_states_attentions(self):
-        super().test_retain_grad_hidden_states_attentions()
 
 
 def test_an_unreachable_registry_is_a_reason_to_skip(tmp_path, monkeypatch):

@@ -400,12 +400,6 @@ def test_fullgraph_torch_compile_of_the_training_forward_matches_eager():
     assert_same_loss_and_gradients(model, compiled, model)  # the compiled model trains the model's parameters
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch.export runs the forward's Python side effects on fake tensors: SpatialEntropyLoss.penalty's "
-    "SARStats.update keeps a FakeTensor in model.sar_loss.sar_stats, so the next SARStats.pop fails "
-    "(GuardOnDataDependentSymNode at its `sums[-1] == 0`); a later fullgraph inductor compile fails on it too.",
-)
 def test_exporting_leaves_the_running_sar_figures_usable():
     model = make_model(sar_weight=0.5).train()
     pixel_values, labels = batch()
