@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 _ALGORITHMS = ("auto", "scipy", "propagation")
+_STRUCTURES = {c: scipy.ndimage.generate_binary_structure(2, 2 if c == 8 else 1) for c in (4, 8)}
 
 
 def connected_components(
@@ -116,19 +117,18 @@ def _label_op_fake(maps, connectivity, algorithm):
 def _label_scipy(maps: torch.Tensor, connectivity: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, gh, gw] bool -> ([M, gh, gw] int64 labels, [M] int64 counts) via one scipy call."""
     m, gh, gw = maps.shape
-    # Maps stacked one under the other, each followed by an empty row: a plain 2-D labelling
-    # with long runs of rows, which scipy does faster than a 3-D one over the [M, gh, gw] stack.
+    # Maps stacked one under the other, each followed by an empty row: a plain 2-D labelling,
+    # which scipy does faster than a 3-D one over the [M, gh, gw] stack.
     image = np.zeros((m, gh + 1, gw), dtype=bool)
     image[:, :gh] = maps.cpu().numpy()
-    structure = scipy.ndimage.generate_binary_structure(2, 2 if connectivity == 8 else 1)
-    raw = np.empty(image.shape, dtype=np.int32)
-    scipy.ndimage.label(image.reshape(-1, gw), structure=structure, output=raw.reshape(-1, gw))
-    raw = torch.from_numpy(raw)[:, :gh]
+    raw = np.empty(image.shape, dtype=np.int64)
+    scipy.ndimage.label(image.reshape(-1, gw), structure=_STRUCTURES[connectivity], output=raw.reshape(-1, gw))
+    raw = torch.from_numpy(raw)
     # Regions of earlier maps took the labels below this map's; the running max counts them.
-    last = torch.cummax(raw.reshape(m, -1).amax(dim=1), dim=0).values.long()
-    offset = torch.cat([last.new_zeros(1), last[:-1]])
+    last = torch.cummax(raw.reshape(m, -1).amax(dim=1), dim=0).values
+    offset = F.pad(last[:-1], (1, 0))
     # The background goes negative and is clamped back to 0; regions land on 1..n_i.
-    labels = (raw - offset.reshape(m, 1, 1)).clamp_(min=0)
+    labels = (raw[:, :gh] - offset.reshape(m, 1, 1)).clamp_(min=0)
     return labels.to(maps.device), (last - offset).to(maps.device)
 
 
