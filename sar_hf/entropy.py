@@ -17,10 +17,10 @@ import torch
 from .components import label_maps, max_regions
 
 _EPS = 1e-9  # the authors' constant of step 4
-# Rows whose largest |score| exceeds this are scaled by an exact power of two first, so
-# that `s - mean` and the region sums cannot overflow; the entropy is scale-free up to the
-# 1e-9 above.
-_SAFE_MAGNITUDE = 2.0**60
+# Rows whose largest |score| reaches 2**_SAFE_EXPONENT are scaled by an exact power of two
+# first, so that `s - mean` and the region sums cannot overflow; the entropy is scale-free up
+# to the 1e-9 above.
+_SAFE_EXPONENT = 60
 
 
 def spatial_entropy(
@@ -98,10 +98,10 @@ class _RegionEntropy(torch.autograd.Function):
         # gradient 0 (masked per map below; their pixels stay inside their own map's slots).
         magnitude = torch.maximum(scores.amax(dim=-1, keepdim=True), scores.amin(dim=-1, keepdim=True).neg())
         valid = torch.isfinite(magnitude)
-        # An exact power of two that brings the largest |s| below 2**60, so that neither `s - mean`
-        # nor a region's sum can overflow: 2**-k, k = max(e - 60, 0) for |s| = f * 2**e, 0.5 <= f < 1;
-        # exactly 1 for ordinary rows (and whatever for skipped ones).
-        scale = torch.exp2((60 - torch.frexp(magnitude).exponent).clamp(max=0).to(scores.dtype))
+        # The power of two 2**-k, k = max(e - 60, 0) for |s| = f * 2**e (0.5 <= f < 1), brings the
+        # largest |s| below 2**60; exactly 1 for ordinary rows (and anything for skipped ones).
+        exponent = torch.frexp(magnitude).exponent
+        scale = torch.exp2((_SAFE_EXPONENT - exponent).clamp(max=0).to(scores.dtype))
         x = scores * scale
         x -= x.sum(dim=-1, keepdim=True) / x.shape[-1]  # step 2: s - mean, of the scaled row
         mask = x > 0  # s > mean: a float difference is 0 only for equal numbers, and keeps the sign
