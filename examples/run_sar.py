@@ -686,28 +686,28 @@ def build_model(model_args: ModelArguments, sar_args: SARArguments, labels: list
             size = _vision_config(model.config).image_size
             logger.warning("%s has no image processor; using a ViTImageProcessor for its %s px.", path, size)
             processor = _vit_image_processor(size)
-        processor.do_convert_rgb = True  # grayscale, palette and RGBA images, as in training
-        return model, processor
-
-    preset = dict(MODEL_PRESETS[model_args.model_preset])
-    preset["image_size"] = model_args.image_size or preset["image_size"]
-    preset["patch_size"] = model_args.patch_size or preset["patch_size"]
-    # Attention dropout stays 0: the loss reads the attention scores (SPEC).
-    config = SARViTConfig(
-        **preset,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        id2label=id2label,
-        label2id=label2id,
-        sar_no_skip_no_norm=sar_args.sar_no_skip_no_norm,
-        **sar,
-    )
-    if model_args.image_processor_name is not None:
-        processor = load_image_processor(model_args.image_processor_name, cache_dir=model_args.cache_dir)
-        processor.do_convert_rgb = True
     else:
-        processor = _vit_image_processor(config.image_size)
-    return SARViTForImageClassification(config), processor
+        preset = dict(MODEL_PRESETS[model_args.model_preset])
+        preset["image_size"] = model_args.image_size or preset["image_size"]
+        preset["patch_size"] = model_args.patch_size or preset["patch_size"]
+        # Attention dropout stays 0: the loss reads the attention scores (SPEC).
+        config = SARViTConfig(
+            **preset,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            id2label=id2label,
+            label2id=label2id,
+            sar_no_skip_no_norm=sar_args.sar_no_skip_no_norm,
+            **sar,
+        )
+        model = SARViTForImageClassification(config)
+        if model_args.image_processor_name is not None:
+            processor = load_image_processor(model_args.image_processor_name, cache_dir=model_args.cache_dir)
+        else:
+            processor = _vit_image_processor(config.image_size)
+    # Training converts every image to RGB; so do evaluation and the saved processor (grayscale, palette, RGBA).
+    processor.do_convert_rgb = True
+    return model, processor
 
 
 def _vision_config(config):
@@ -716,7 +716,7 @@ def _vision_config(config):
 
 
 def _vit_image_processor(image_size: int):
-    return vit_image_processor_class()(size={"height": image_size, "width": image_size}, do_convert_rgb=True)
+    return vit_image_processor_class()(size={"height": image_size, "width": image_size})
 
 
 def resolve_checkpoint(model_args: ModelArguments, training_args: TrainingArguments) -> str | None:

@@ -19,7 +19,7 @@ def test_bench_recipe_times_both_runs_and_reports_the_ratio(tmp_path):
     bench_recipe.main(["--device", "cpu", "--pairs", "1", "--output", str(stem), "--", *tiny])
     report = json.loads(stem.with_suffix(".json").read_text())
     assert [run["variant"] for run in report["runs"]] == ["plain", "recipe"]
-    assert all(run["wall_seconds"] > run["train_seconds"] > 0 for run in report["runs"])
+    assert all(run["wall_seconds"] > run["train_seconds"] > 0 and run["cpu_seconds"] > 0 for run in report["runs"])
     summary, (plain, recipe) = report["summary"], report["runs"]
     assert summary["wall_ratio"] == pytest.approx(recipe["wall_seconds"] / plain["wall_seconds"])
     assert 0 <= summary["recipe"]["test_accuracy"][0] <= 1
