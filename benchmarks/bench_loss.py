@@ -312,7 +312,8 @@ def to_markdown(results: dict) -> str:
     lines = [
         f"# `spatial_entropy` forward + backward, {results['device']}",
         "",
-        f"Machine: {info['cpu']}, {info['cpu_cores']} cores ({info['torch_threads']} torch threads)"
+        f"Machine: {info['cpu']}, {info['cpu_cores']} cores ({info['torch_threads']} torch thread"
+        + ("s)" if info["torch_threads"] != 1 else ")")
         + (f", {info['gpu']} (CUDA {info['cuda']})" if "gpu" in info else "")
         + f". Python {info['python']}, torch {info['torch']}, scipy {info['scipy']}, numpy {info['numpy']}."
         + f" {info['date']}. One-minute load average {info['load_average_at_start']:.2f} at the start,"

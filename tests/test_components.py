@@ -248,6 +248,7 @@ def test_every_round_at_least_halves_the_trees_of_each_component(rounds, connect
     connected_components(torch.from_numpy(mask), connectivity, algorithm="propagation")
     regions = reference_labels(mask, connectivity).reshape(len(mask), -1)
     fg = mask.reshape(len(mask), -1)
+    first_trees = []
     for i in range(len(mask)):
         trees = [
             [len(np.unique(parent[i].numpy()[fg[i] & (regions[i] == r)])) for r in range(1, regions[i].max() + 1)]
@@ -255,6 +256,9 @@ def test_every_round_at_least_halves_the_trees_of_each_component(rounds, connect
         ]
         for before, after in zip(trees, trees[1:], strict=False):
             assert all(b == 1 and a == 1 or a <= b // 2 for b, a in zip(before, after, strict=True)), (i, trees)
+        first_trees += trees[0]
+    assert len(rounds) == components.propagation_rounds(fg.shape[1])
+    assert max(first_trees) > 1  # the lemma was put to work
 
 
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero")
