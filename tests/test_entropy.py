@@ -136,11 +136,14 @@ def test_grid_orientation_is_row_major():
 # -- gradients --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("connectivity", [4, 8])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 @pytest.mark.parametrize("shape", [(2, 2, 5, 5), (1, 3, 3, 7), (1, 1, 1, 6)], ids=lambda s: "x".join(map(str, s)))
-def test_gradcheck_float64(shape, reduction):
+def test_gradcheck_float64(shape, reduction, connectivity):
+    # The analytic backward of `_RegionEntropy` against finite differences.
     scores = scores_for(shape, dtype=torch.float64, seed=7).requires_grad_()
-    assert torch.autograd.gradcheck(lambda s: spatial_entropy(s, shape[2:], reduction=reduction), (scores,))
+    fn = lambda s: spatial_entropy(s, shape[2:], reduction=reduction, connectivity=connectivity)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (scores,))
 
 
 def test_gradient_matches_finite_differences_of_reference():
