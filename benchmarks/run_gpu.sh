@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of issue 11 in one run (a few minutes on an H100):
 #   1. benchmarks/bench_loss.py: spatial_entropy forward + backward against the authors' structure at the
-#      listed shapes and the sweep, noise and smooth scores, with the host syncs per call
+#      listed shapes, noise and smooth scores, with the host syncs per call
 #      (torch.cuda.set_sync_debug_mode), labels checked against scipy, and torch.compile / CUDA-graph
 #      timings at 256x6, 14x14;
 #   2. benchmarks/bench_step.py: the training-step ratio of SAR against plain SDPA for ViT-S/16 and
@@ -29,6 +29,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 if [ -x .venv/bin/python ]; then PY="${PYTHON:-.venv/bin/python}"; else PY="${PYTHON:-python}"; fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # sar_hf from this tree, installed or not
 
 "$PY" - "$DEVICE" <<'PYEOF'
 import sys, torch
@@ -45,7 +46,7 @@ if [ "$QUICK" = 1 ]; then
     "$PY" benchmarks/bench_loss.py --device "$DEVICE" --out "$OUT_DIR" --repeats 1 --no-sweep \
         --shapes 2x3x6x5 --compile 2x3x6x5
 else
-    "$PY" benchmarks/bench_loss.py --device "$DEVICE" --out "$OUT_DIR" --repeats 10 --compile
+    "$PY" benchmarks/bench_loss.py --device "$DEVICE" --out "$OUT_DIR" --repeats 10 --no-sweep --compile
 fi
 
 if [ "$STEP" = 1 ]; then
