@@ -243,3 +243,95 @@ def test_a_step_that_ended_without_the_term_is_an_error(args):
         callback.on_step_end(args, state_at(1), TrainerControl(), model=model)
     model(torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 1]))  # the model adds it
     callback.on_step_end(args, state_at(2), TrainerControl(), model=model)
+
+
+# -- edges of the schedule and of the logs (pinned by mutation testing, issue 12) ----------------
+
+
+def test_auto_granularity_switches_to_epochs_at_ten_epochs():
+    callback = SARCallback(sar_weight=PEAK)
+    assert [callback.granularity_for(e) for e in (9.5, 10, 10.5)] == ["step", "epoch", "epoch"]
+
+
+def test_the_default_warmup_is_a_tenth_of_the_run():
+    # 10 epochs of 10 steps per step: W = 1 epoch, so step 5 (e = 0.5) is half-way up the warm-up and
+    # step 10 (e = 1) the peak; then the cosine over 9 epochs: e = 5.5 is half-way down.
+    callback = SARCallback(sar_weight=1.0, granularity="step")
+    assert [callback.weight_at(step, 100, 10) for step in (5, 10, 55)] == pytest.approx([0.5, 1.0, 0.5], abs=1e-12)
+
+
+def test_runs_shorter_than_an_epoch_keep_their_fractional_length():
+    # Half an epoch of 10 steps: W = 0.05 epochs (one step), then the cosine over 0.45 epochs; the
+    # last step (e = 0.45) is 8/9 of the way down.
+    callback = SARCallback(sar_weight=1.0)
+    weights = [callback.weight_at(step, 10, 0.5) for step in (0, 1, 10)]
+    assert weights == pytest.approx([0.0, 1.0, 0.0], abs=1e-12)
+    expected = 0.5 * (1 + math.cos(math.pi * 8 / 9))
+    assert callback.weight_at(9, 10, 0.5) == pytest.approx(expected, abs=1e-12)
+    # The per-step schedule scales with the run; a callable sees the run's length itself.
+    assert SARCallback(schedule=lambda epoch, epochs: epochs).weight_at(0, 10, 0.5) == 0.5
+
+
+def test_a_one_step_run_reaches_the_end_of_the_cosine():
+    callback = SARCallback(sar_weight=1.0, warmup_epochs=0, granularity="step")
+    assert callback.weight_at(0, 1, 1) == pytest.approx(1.0) and callback.weight_at(1, 1, 1) == pytest.approx(0.0)
+
+
+def test_per_epoch_the_end_of_the_run_stays_at_zero():
+    # global_step = max_steps (a run resumed from its last checkpoint) is past the last epoch: λ stays 0.
+    callback = SARCallback(sar_weight=PEAK, warmup_epochs=WARMUP, granularity="epoch")
+    assert callback.weight_at(MAX_STEPS, MAX_STEPS, EPOCHS) == 0.0
+
+
+def test_a_zero_weight_is_valid_and_never_warned_about(model, args, caplog):
+    with caplog.at_level("WARNING"):
+        SARCallback(sar_weight=0.0).on_train_begin(args, state_at(0), TrainerControl(), model=model)
+    assert "leaves λ at 0" not in caplog.text
+
+
+@pytest.mark.parametrize(("zero_steps", "warned"), [(5, False), (6, True)])
+def test_the_warning_starts_above_half_the_steps(model, args, caplog, zero_steps, warned):
+    # A callable schedule that is 0 on the first `zero_steps` of 10 steps (one epoch).
+    callback = SARCallback(sar_weight=PEAK, schedule=lambda e, n: 0.0 if e < zero_steps / 10 - 1e-9 else 1.0)
+    with caplog.at_level("WARNING"):
+        callback.on_train_begin(args, state_at(0, max_steps=10, epochs=1), TrainerControl(), model=model)
+    assert (f"leaves λ at 0 on {zero_steps} of the 10 steps" in caplog.text) is warned
+
+
+def test_on_log_without_logs_or_model_and_the_summary_leave_the_pending_stats(model, args):
+    callback = SARCallback(sar_weight=PEAK, schedule="constant")
+    callback.on_step_begin(args, state_at(0), TrainerControl(), model=model)
+    stats = model.sar_loss.sar_stats
+    stats.pop(training=True), stats.pop(training=False)
+    stats.update(False, torch.tensor(0.25), None, torch.tensor(0))
+    callback.on_log(args, state_at(1), TrainerControl(), logs=None, model=model)
+    logs = {"loss": 1.0}
+    callback.on_log(args, state_at(1), TrainerControl(), logs=logs, model=None)
+    assert logs == {"loss": 1.0}
+    logs = {"loss": 1.0}  # no training pass computed the term in this window: nothing to add
+    callback.on_log(args, state_at(1), TrainerControl(), logs=logs, model=model)
+    assert logs == {"loss": 1.0}
+    # The end-of-training summary takes no evaluation entropy: it stays for the next evaluation.
+    logs = {"train_runtime": 1.0, "train_loss": 2.0}
+    callback.on_log(args, state_at(1), TrainerControl(), logs=logs, model=model)
+    assert set(logs) == {"train_runtime", "train_loss"}
+    assert stats.pop(training=False)["entropy"] == pytest.approx(0.25)
+    logs = {"eval_loss": 1.0, "eval_runtime": 0.1}  # an evaluation without SAR terms adds nothing
+    callback.on_log(args, state_at(1), TrainerControl(), logs=logs, model=model)
+    assert set(logs) == {"eval_loss", "eval_runtime"}
+
+
+def test_on_log_updates_a_history_entry_with_the_same_keys_and_tolerates_an_empty_history(model, args):
+    callback = SARCallback(sar_weight=PEAK, schedule="constant")
+    callback.on_step_begin(args, state_at(0), TrainerControl(), model=model)
+    stats = model.sar_loss.sar_stats
+    stats.pop(training=True), stats.pop(training=False)
+    stats.update(True, torch.tensor(0.5), torch.tensor(1.5), torch.tensor(0))
+    state, logs = state_at(1), {"loss": 2.0}
+    state.log_history.append(dict(logs))  # exactly a copy of `logs`
+    callback.on_log(args, state, TrainerControl(), logs=logs, model=model)
+    assert state.log_history[-1]["sar/entropy"] == pytest.approx(0.5)
+    stats.update(True, torch.tensor(0.5), torch.tensor(1.5), torch.tensor(0))
+    empty, logs = state_at(1), {"loss": 2.0}
+    callback.on_log(args, empty, TrainerControl(), logs=logs, model=model)
+    assert logs["sar/entropy"] == pytest.approx(0.5) and empty.log_history == []

@@ -325,3 +325,104 @@ def test_fully_sharded_models_give_the_unsharded_loss_and_gradient(tmp_path, mod
     assert mean.abs().sum() > 0
     for rank in ranks:
         torch.testing.assert_close(torch.tensor(rank["sharded"]["grad"]), mean, rtol=1e-5, atol=1e-6)
+
+
+# -- the capture's own edges (pinned by mutation testing, issue 12) -----------------------------------
+
+
+def test_pop_before_any_forward_and_after_remove_finds_nothing():
+    model = build("deit")
+    first = CLSScoreCapture(model)
+    assert first.pop() is None and not first.pending
+    first.remove()
+    with torch.no_grad():
+        model(pixels(), interpolate_pos_encoding=True)
+    assert first.pop() is None  # detached: the pass was not seen
+    second = CLSScoreCapture(model)  # the layer is free again
+    first.remove()  # removing twice leaves the new capture's mark alone
+    with pytest.raises(ValueError, match="already captured"):
+        CLSScoreCapture(model)
+    with torch.no_grad():
+        model(pixels(), interpolate_pos_encoding=True)
+    assert second.pending and second.pop().scores.shape == (BATCH, 4, 24)
+
+
+@pytest.mark.parametrize(("layer", "index"), [(1, 1), (-2, 0), (0, 0), (-1, 1)])
+def test_each_layer_index_captures_that_encoder_layer(layer, index):
+    model = build("deit")
+    capture = CLSScoreCapture(model, layer)
+    assert any(module is capture.module for module in model.deit.layers[index].modules())
+
+
+def test_a_kernel_called_without_scaling_gets_sdpas_default():
+    """SDPA scales by 1/sqrt(head_dim) when it gets no `scaling`; the captured scores must too."""
+    model = build("deit")
+    twin = eager_twin(model)
+    loss_fn = SpatialEntropyLoss(model)
+    loss_fn.capture.module.scaling = None  # the model's SDPA call now passes scaling=None
+    pixel_values = pixels()
+    with torch.no_grad():
+        model(pixel_values, interpolate_pos_encoding=True)
+    scores, _, _ = loss_fn.capture.pop()
+    difference = scores.double() - eager_cls_log_probs(twin, pixel_values, -1, 24, interpolate_pos_encoding=True)
+    torch.testing.assert_close(difference, difference.mean(-1, keepdim=True).expand_as(difference), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [6, 4])  # 4: as many tokens as query heads
+def test_grouped_keys_and_boolean_masks_give_the_hand_scores(tokens):
+    """Grouped keys (two key heads for four query heads) and a boolean mask (True = attend), as the
+    registry's kernels may receive them; the reference repeats the keys by indexing and adds -inf by hand."""
+    from sar_hf.capture import _cls_scores
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, tokens, 8, generator=generator)  # [B, heads, 1 + patches, d]
+    key = torch.randn(2, 2, tokens, 8, generator=generator)  # two key heads
+    mask = torch.rand(2, 1, tokens, tokens, generator=generator) > 0.3
+    scores = _cls_scores(query[:, :, :1], key, mask, 0.5, num_patches=tokens - 1)
+    expanded = key[:, [0, 0, 1, 1]]  # query heads 0, 1 share key head 0; 2, 3 share key head 1
+    expected = torch.einsum("bhd,bhnd->bhn", query[:, :, 0], expanded[:, :, 1:]) * 0.5
+    expected = torch.where(mask[:, :, 0, 1:], expected, torch.tensor(float("-inf")))
+    torch.testing.assert_close(scores, expected)
+
+
+def test_keys_without_a_cls_token_are_refused():
+    from sar_hf.capture import _check_tokens
+
+    _check_tokens(17, 16)
+    with pytest.raises(ValueError, match="do not match the patch grid"):
+        _check_tokens(16, 16)
+
+
+def test_the_wrapped_kernel_hands_over_a_mask_given_by_keyword():
+    from sar_hf.capture import _MARK, _capturing
+
+    seen = []
+
+    class Recorder:
+        def record(self, query, key, mask, scaling):
+            seen.append((mask, scaling))
+
+    module = torch.nn.Module()
+    setattr(module, _MARK, Recorder())
+    kernel = _capturing(lambda module, query, key, value, *args, **kwargs: "out")
+    mask = torch.zeros(1, 1, 3, 3)
+    assert kernel(module, None, None, None, attention_mask=mask, scaling=0.25) == "out"
+    assert kernel(module, None, None, None, mask) == "out"
+    assert seen[0][0] is mask and seen[0][1] == 0.25 and seen[1][0] is mask and seen[1][1] is None
+    assert kernel(torch.nn.Module(), None, None, None, mask) == "out" and len(seen) == 2  # unmarked module
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 24), (1, 3, 1, 16, 24)])
+def test_pixel_values_that_are_not_a_batch_of_images_are_a_value_error(shape):
+    model = build("deit")
+    CLSScoreCapture(model)
+    with pytest.raises(ValueError, match=r"\[batch, channels, height, width\]"):
+        model(torch.randn(*shape), interpolate_pos_encoding=True)
+
+
+@pytest.mark.parametrize(("height", "width"), [(18, 24), (16, 22)])
+def test_images_that_do_not_tile_into_patches_are_a_value_error(height, width):
+    model = build("deit")
+    CLSScoreCapture(model)
+    with pytest.raises(ValueError, match=f"Images of {height}x{width} pixels do not tile into 4x4 patches"):
+        model(pixels(height=height, width=width), interpolate_pos_encoding=True)

@@ -122,6 +122,10 @@ def test_a_scheduled_weight_overrides_the_configured_one():
     [
         ({"sar_weight": -1.0}, "sar_weight"),
         ({"sar_weight": float("nan")}, "sar_weight"),
+        ({"sar_weight": float("inf")}, "sar_weight"),
+        ({"sar_weight": True}, "sar_weight"),
+        ({"sar_layer": True}, "sar_layer"),
+        ({"sar_layer": -3}, "sar_layer"),
         ({"sar_weight": None}, "config.sar_weight"),
         ({"sar_layer": 2}, "sar_layer"),
     ],
@@ -129,3 +133,105 @@ def test_a_scheduled_weight_overrides_the_configured_one():
 def test_bad_settings_are_value_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SpatialEntropyLoss(deit(), **kwargs)
+
+
+# -- edges pinned by mutation testing (issue 12) -----------------------------------------------------
+
+
+def test_a_zero_weight_is_valid_and_adds_nothing():
+    model = deit()
+    loss_fn = SpatialEntropyLoss(model, sar_weight=0.0)
+    pixel_values, labels = batch()
+    nll, entropy = reference_terms(model, pixel_values, labels)
+    loss = loss_fn(model(pixel_values, interpolate_pos_encoding=True), labels)
+    assert loss.item() == pytest.approx(nll.mean().item(), abs=1e-5)
+    # The entropy is still logged, computed without a graph since it trains nothing.
+    assert loss_fn.sar_stats.pop(training=True)["entropy"] == pytest.approx(entropy, abs=1e-5)
+    model(pixel_values, interpolate_pos_encoding=True)
+    _, logged, _ = loss_fn.penalty(labels)
+    assert not logged.requires_grad
+
+
+def test_setting_sar_weight_changes_the_term():
+    model = deit()
+    loss_fn = SpatialEntropyLoss(model, sar_weight=WEIGHT)
+    loss_fn.sar_weight = 2.0
+    assert loss_fn.sar_weight == 2.0
+    pixel_values, labels = batch()
+    nll, entropy = reference_terms(model, pixel_values, labels)
+    loss = loss_fn(model(pixel_values, interpolate_pos_encoding=True), labels)
+    assert loss.item() == pytest.approx(nll.mean().item() + 2.0 * entropy, abs=1e-5)
+
+
+def test_the_logged_cross_entropy_is_the_batch_mean_under_accumulation():
+    """The cross-entropy in the logs is this batch's mean whatever Trainer normalises the loss by."""
+    model = deit()
+    loss_fn = SpatialEntropyLoss(model, sar_weight=WEIGHT)
+    pixel_values, labels = batch()
+    nll, entropy = reference_terms(model, pixel_values, labels)
+    loss_fn(model(pixel_values, interpolate_pos_encoding=True), labels, num_items_in_batch=torch.tensor(10))
+    logged = loss_fn.sar_stats.pop(training=True)
+    assert logged["ce_loss"] == pytest.approx(nll.mean().item(), abs=1e-5)
+    assert logged["entropy"] == pytest.approx(entropy, abs=1e-5)
+
+
+def test_tuple_outputs_get_the_term():
+    model = deit()
+    SpatialEntropyLoss(model, sar_weight=WEIGHT)
+    pixel_values, labels = batch()
+    nll, entropy = reference_terms(model, pixel_values, labels)
+    loss, logits, *_ = model(pixel_values, labels=labels, interpolate_pos_encoding=True, return_dict=False)
+    assert loss.item() == pytest.approx(nll.mean().item() + WEIGHT * entropy, abs=1e-5)
+    twin_logits = eager_twin(model)(pixel_values, interpolate_pos_encoding=True).logits
+    torch.testing.assert_close(logits, twin_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_scores_without_a_gradient_in_training_are_warned_about(monkeypatch):
+    import sar_hf.loss
+
+    warnings = []
+    monkeypatch.setattr(sar_hf.loss.logger, "warning_once", lambda message: warnings.append(message))
+    model = deit()
+    loss_fn = SpatialEntropyLoss(model, sar_weight=WEIGHT)
+    pixel_values, labels = batch()
+    model(pixel_values, interpolate_pos_encoding=True)
+    loss_fn.penalty(labels)  # scores with their gradient: nothing to say
+    with torch.no_grad():  # no gradient wanted: nothing to say either
+        model(pixel_values, interpolate_pos_encoding=True)
+        loss_fn.penalty(labels)
+    loss_fn.scheduled_sar_weight = 0.0  # λ = 0 trains nothing
+    model.requires_grad_(False)
+    model(pixel_values, interpolate_pos_encoding=True)
+    loss_fn.penalty(labels)
+    assert warnings == []
+    loss_fn.scheduled_sar_weight = None
+    model(pixel_values, interpolate_pos_encoding=True)  # frozen weights: the scores carry no gradient
+    loss_fn.penalty(labels)
+    assert len(warnings) == 1 and "no gradient" in warnings[0]
+
+
+def test_soft_targets_are_counted_per_class_with_fewer_images_than_classes():
+    model = deit()
+    loss_fn = SpatialEntropyLoss(model, sar_weight=WEIGHT)
+    pixel_values, labels = batch()
+    pixel_values, labels = pixel_values[:2], labels[:2]  # 2 images, 3 classes
+    soft = torch.nn.functional.one_hot(labels, CLASSES).float() * 0.7 + 0.1
+    twin = eager_twin(model)
+    twin_logits = twin(pixel_values, interpolate_pos_encoding=True).logits.detach().double()
+    soft_nll = -(soft.double() * twin_logits.log_softmax(-1)).sum(-1)
+    log_probs = eager_cls_log_probs(twin, pixel_values, -1, GRID[0] * GRID[1], interpolate_pos_encoding=True)
+    entropy = reference_entropy(log_probs, GRID)
+    # Trainer counts 2·3 elements here, 4·3 in the accumulated batch.
+    loss = loss_fn(model(pixel_values, interpolate_pos_encoding=True), soft, num_items_in_batch=4 * CLASSES)
+    assert loss.item() == pytest.approx(soft_nll.sum().item() / 4 + WEIGHT * entropy / 2, abs=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="labels on the host and a model on a GPU")
+def test_labels_follow_the_logits_to_their_device():
+    model = deit().cuda()
+    loss_fn = SpatialEntropyLoss(model, sar_weight=WEIGHT)
+    pixel_values, labels = batch()
+    nll, entropy = reference_terms(model.cpu(), pixel_values, labels)
+    model.cuda()
+    loss = loss_fn(model(pixel_values.cuda(), interpolate_pos_encoding=True), labels)
+    assert loss.item() == pytest.approx(nll.mean().item() + WEIGHT * entropy, abs=1e-4)

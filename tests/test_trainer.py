@@ -356,3 +356,119 @@ def test_lora_model_trains_with_the_term_through_sar_trainer(tmp_path):
     logs = train_logs(trainer)
     assert logs and all(entry["sar/entropy"] > 0 and entry["sar/weight"] == 0.5 for entry in logs)
     assert all(not torch.equal(adapters[n], p) for n, p in model.named_parameters() if n in adapters)
+
+
+# -- edges pinned by mutation testing (issue 12) -----------------------------------------------------
+
+
+def test_a_wrapped_loss_gets_the_term_scaled_by_its_share_of_the_accumulated_batch(tmp_path):
+    """Two micro-batches of 2 images with soft targets: `compute_loss_func` normalises over Trainer's
+    item count (2·4·3), and each micro-batch's term counts for half of the step."""
+    from references import eager_cls_log_probs, eager_twin, reference_entropy
+
+    model = make_model()
+    dataset = SoftImages(4)
+    twin = eager_twin(model).train()
+    with torch.no_grad():
+        logits = twin(dataset.pixel_values).logits.double()
+    soft = torch.stack([dataset[i]["labels"] for i in range(4)]).double()
+    expected = -(soft * logits.log_softmax(-1)).sum(-1).mean().item() + 0.5 * reference_entropy(
+        eager_cls_log_probs(twin, dataset.pixel_values, -1, 16), (4, 4)
+    )
+    args = make_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, num_train_epochs=1)
+    trainer = SARTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        compute_loss_func=soft_cross_entropy,
+        callbacks=[SARCallback(schedule="constant")],
+    )
+    trainer.train()
+    (entry,) = train_logs(trainer)
+    assert entry["loss"] == pytest.approx(expected, abs=2e-4)
+
+
+def test_checkpoints_load_through_from_pretrained_and_trainer_loads_the_rest(tmp_path, monkeypatch, caplog):
+    calls = []
+    monkeypatch.setattr(
+        Trainer, "_load_from_checkpoint", lambda self, folder, model=None: calls.append((folder, model))
+    )
+    monkeypatch.setattr(Trainer, "_load_best_model", lambda self: calls.append("best"))
+    saved, other_saved = make_model(seed=1), make_model(seed=2)
+    saved.save_pretrained(tmp_path / "a")
+    other_saved.save_pretrained(tmp_path / "b")
+    (tmp_path / "empty").mkdir()
+
+    def assert_weights(model, reference):
+        for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, msg=name)
+
+    trainer = SARTrainer(model=make_model(), args=make_args(tmp_path / "out"))
+    other = make_model(seed=3)
+    trainer._load_from_checkpoint(str(tmp_path / "a"), model=other)  # into the model given
+    assert_weights(other, saved)
+    assert_weights(trainer.model, make_model())
+    with caplog.at_level("INFO", logger="sar_hf.trainer"):
+        trainer._load_from_checkpoint(str(tmp_path / "a"))
+    assert_weights(trainer.model, saved)
+    assert f"Loading the weights of {tmp_path / 'a'}." in caplog.text
+    trainer.state.best_model_checkpoint = str(tmp_path / "b")
+    trainer._load_best_model()
+    assert_weights(trainer.model, other_saved)
+    assert calls == []  # Trainer's own loading, which skips ViT's renamed weights, never ran
+
+    # Folders without safetensors weights, and FSDP or DeepSpeed runs, keep Trainer's own loading.
+    trainer._load_from_checkpoint(str(tmp_path / "empty"), model=other)
+    trainer.state.best_model_checkpoint = str(tmp_path / "empty")
+    trainer._load_best_model()
+    assert calls == [(str(tmp_path / "empty"), other), "best"]
+    for flag in ("is_fsdp_enabled", "is_deepspeed_enabled"):
+        calls.clear()
+        monkeypatch.setattr(trainer, flag, True)
+        trainer._load_from_checkpoint(str(tmp_path / "a"))
+        assert calls == [(str(tmp_path / "a"), None)]
+        monkeypatch.setattr(trainer, flag, False)
+
+
+def test_model_card_tags_schedule_and_settings(tmp_path):
+    args = make_args(tmp_path)
+    callback = SARCallback(schedule=lambda epoch, epochs: 0.1)
+    trainer = SARTrainer(model=make_model(), args=args, callbacks=[callback])
+    trainer.create_model_card(model_name="tiny-sar", tags=["sar", "my-tag"])
+    card = (tmp_path / "README.md").read_text()
+    header = card.split("---")[1]
+    assert header.count("- sar\n") == 1 and "- my-tag\n" in header and "- spatial-entropy\n" in header
+    assert "peak λ (`sar_weight`): 0.5" in card  # before training: the model's configured weight
+    assert "λ schedule: custom (auto), warm-up epochs: None" in card
+    assert "- `sar_layer`: -1\n" in card and "- `sar_no_skip_no_norm`: False\n" in card
+
+
+def test_model_card_is_written_by_the_main_process_only(tmp_path, monkeypatch):
+    trainer = SARTrainer(make_model(), make_args(tmp_path))  # Trainer's positional arguments
+    monkeypatch.setattr(trainer, "is_world_process_zero", lambda: False)
+    trainer.create_model_card(model_name="tiny-sar")
+    assert not (tmp_path / "README.md").exists()
+
+
+def test_model_card_passes_trainers_arguments_and_a_single_tag(tmp_path):
+    callback = SARCallback(sar_weight=0.02)
+    trainer = SARTrainer(model=make_model(), args=make_args(tmp_path), callbacks=[callback])
+    trainer.create_model_card("fr", tags="my-tag", model_name="tiny-sar")
+    card = (tmp_path / "README.md").read_text()
+    header = card.split("---")[1]
+    assert "language:\n- fr\n" in header and "- my-tag\n" in header and "- sar\n" in header
+    assert "tiny-sar" in card
+    assert "peak λ (`sar_weight`): 0.02" in card  # the callback's peak over the model's 0.5
+    assert "λ schedule: warmup_cosine (auto)" in card
+
+
+def test_model_card_of_a_model_without_sar_settings_in_its_config(tmp_path):
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    from sar_hf import SpatialEntropyLoss
+
+    model = DeiTForImageClassification(DeiTConfig(**TINY))
+    SpatialEntropyLoss(model)
+    SARTrainer(model=model, args=make_args(tmp_path)).create_model_card()
+    card = (tmp_path / "README.md").read_text()
+    assert "## Spatial-entropy regularisation (SAR)" in card and "`sar_layer`" not in card
