@@ -145,7 +145,7 @@ def _label_propagation(maps: torch.Tensor, connectivity: int) -> tuple[torch.Ten
     (every pixel points at its root). A round:
 
     1. `lo`/`hi`: for each tree, the smallest and largest root among the trees that touch it
-       (itself included), from one neighbourhood pooling and two scatters onto the roots.
+       (itself included), from one neighbourhood pooling and one scatter onto the roots.
     2. Hooking: a root with `lo < root` re-points at `lo`. A root with `lo == root` that no other
        root hooked onto but that touches a larger tree `T` (`hi > root`) re-points at `lo[T]`:
        `T` touches this tree, so `lo[T] <= root`, and `lo[T] != root` because nobody hooked onto
