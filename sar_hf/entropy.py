@@ -90,6 +90,8 @@ class _RegionEntropy(torch.autograd.Function):
 
     (the mean term is the gradient through `m`). One gather and one mean over the pixels, instead
     of autograd's chain through the scatter, the subtraction and the per-region operations.
+    (`torch.export` traces the forward into its graph and differentiates those operations
+    instead: the same gradients, `tests/test_export_entropy.py`.)
     """
 
     @staticmethod
