@@ -426,3 +426,16 @@ def test_images_that_do_not_tile_into_patches_are_a_value_error(height, width):
     CLSScoreCapture(model)
     with pytest.raises(ValueError, match=f"Images of {height}x{width} pixels do not tile into 4x4 patches"):
         model(pixels(height=height, width=width), interpolate_pos_encoding=True)
+
+
+def test_a_layer_that_bypasses_the_registry_is_a_runtime_error(monkeypatch):
+    model = build("deit")
+    capture = CLSScoreCapture(model)
+    with torch.no_grad():
+        model(pixels(), interpolate_pos_encoding=True)  # a pass that records; its scores are left unpopped
+    # The marked layer now attends by itself (as a custom attention class would): nothing is recorded.
+    monkeypatch.setattr(capture.module, "forward", lambda hidden_states, *args, **kwargs: (hidden_states, None))
+    with torch.no_grad():
+        model(pixels(), interpolate_pos_encoding=True)
+    with pytest.raises(RuntimeError, match="without passing through the attention-function registry"):
+        capture.pop()
