@@ -335,6 +335,7 @@ def test_pop_before_any_forward_and_after_remove_finds_nothing():
     first = CLSScoreCapture(model)
     assert first.pop() is None and not first.pending
     first.remove()
+    first.remove()  # a second remove is harmless
     with torch.no_grad():
         model(pixels(), interpolate_pos_encoding=True)
     assert first.pop() is None  # detached: the pass was not seen
