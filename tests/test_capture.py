@@ -440,3 +440,16 @@ def test_a_layer_that_bypasses_the_registry_is_a_runtime_error(monkeypatch):
         model(pixels(), interpolate_pos_encoding=True)
     with pytest.raises(RuntimeError, match="without passing through the attention-function registry"):
         capture.pop()
+
+
+def test_a_layer_with_its_own_scaling_is_captured_with_it():
+    model = build("deit")
+    loss_fn = SpatialEntropyLoss(model)
+    loss_fn.capture.module.scaling = 0.3  # not 1/sqrt(head_dim); the eager twin copies it
+    twin = eager_twin(model)
+    pixel_values = pixels()
+    with torch.no_grad():
+        model(pixel_values, interpolate_pos_encoding=True)
+    scores, _, _ = loss_fn.capture.pop()
+    difference = scores.double() - eager_cls_log_probs(twin, pixel_values, -1, 24, interpolate_pos_encoding=True)
+    torch.testing.assert_close(difference, difference.mean(-1, keepdim=True).expand_as(difference), rtol=0, atol=1e-5)

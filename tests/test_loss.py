@@ -45,6 +45,8 @@ def test_the_models_own_loss_gets_the_term():
     nll, entropy = reference_terms(model, pixel_values, labels)
     out = model(pixel_values, labels=labels, interpolate_pos_encoding=True)
     assert out.loss.item() == pytest.approx(nll.mean().item() + WEIGHT * entropy, abs=1e-5)
+    logged = model.sar_loss.sar_stats.pop(training=True)  # the model's cross-entropy, logged apart
+    assert logged["ce_loss"] == pytest.approx(nll.mean().item(), abs=1e-5)
 
 
 def test_gradient_accumulation_normalises_both_terms_over_the_accumulated_batch():
@@ -235,3 +237,10 @@ def test_labels_follow_the_logits_to_their_device():
     model.cuda()
     loss = loss_fn(model(pixel_values.cuda(), interpolate_pos_encoding=True), labels)
     assert loss.item() == pytest.approx(nll.mean().item() + WEIGHT * entropy, abs=1e-4)
+
+
+def test_a_peft_model_gets_the_loss_on_its_base_model():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(deit(), peft.LoraConfig(target_modules=["q_proj", "k_proj"]))
+    loss_fn = SpatialEntropyLoss(model, sar_weight=WEIGHT)
+    assert model.get_base_model().sar_loss is loss_fn
