@@ -244,3 +244,7 @@ def test_a_peft_model_gets_the_loss_on_its_base_model():
     model = peft.get_peft_model(deit(), peft.LoraConfig(target_modules=["q_proj", "k_proj"]))
     loss_fn = SpatialEntropyLoss(model, sar_weight=WEIGHT)
     assert model.get_base_model().sar_loss is loss_fn
+
+
+def test_the_default_weight_is_the_papers():
+    assert SpatialEntropyLoss(deit()).sar_weight == 0.01
