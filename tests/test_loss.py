@@ -128,7 +128,7 @@ def test_a_scheduled_weight_overrides_the_configured_one():
         ({"sar_weight": True}, "sar_weight"),
         ({"sar_layer": True}, "sar_layer"),
         ({"sar_layer": -3}, "sar_layer"),
-        ({"sar_weight": None}, "config.sar_weight"),
+        ({"sar_weight": None}, "reads `config.sar_weight`, which DeiTForImageClassification lacks"),
         ({"sar_layer": 2}, "sar_layer"),
     ],
 )
@@ -246,5 +246,6 @@ def test_a_peft_model_gets_the_loss_on_its_base_model():
     assert model.get_base_model().sar_loss is loss_fn
 
 
-def test_the_default_weight_is_the_papers():
+def test_the_default_weight_is_the_papers_and_the_layer_is_kept():
     assert SpatialEntropyLoss(deit()).sar_weight == 0.01
+    assert SpatialEntropyLoss(deit(), sar_layer=0).sar_layer == 0
