@@ -109,12 +109,15 @@ class SARTrainer(Trainer):
         super().create_model_card(*args, tags=tags + [t for t in _CARD_TAGS if t not in tags], **kwargs)
         if not self.is_world_process_zero():
             return
+        sar_loss = find_sar_loss(self.model)
         config = self.accelerator.unwrap_model(self.model).config
-        settings = {k: getattr(config, k) for k in ("sar_layer", "sar_no_skip_no_norm") if hasattr(config, k)}
+        settings = {"sar_layer": sar_loss.sar_layer}
+        if hasattr(config, "sar_no_skip_no_norm"):
+            settings["sar_no_skip_no_norm"] = config.sar_no_skip_no_norm
         cb = self.sar_callback
         schedule = cb.schedule if isinstance(cb.schedule, str) else "custom"
-        # Before training the callback has no peak yet: it will take the model's.
-        peak = cb.sar_weight if cb.sar_weight is not None else getattr(config, "sar_weight", None)
+        # Before training the callback has no peak yet: it will take the loss's.
+        peak = cb.sar_weight if cb.sar_weight is not None else sar_loss.sar_weight
         path = f"{self.args.output_dir}/README.md"
         with open(path, "a", encoding="utf-8") as card:
             card.write(

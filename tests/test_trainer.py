@@ -468,7 +468,10 @@ def test_model_card_of_a_model_without_sar_settings_in_its_config(tmp_path):
     from sar_hf import SpatialEntropyLoss
 
     model = DeiTForImageClassification(DeiTConfig(**TINY))
-    SpatialEntropyLoss(model)
+    SpatialEntropyLoss(model, sar_weight=0.03, sar_layer=-2)
     SARTrainer(model=model, args=make_args(tmp_path)).create_model_card()
     card = (tmp_path / "README.md").read_text()
-    assert "## Spatial-entropy regularisation (SAR)" in card and "`sar_layer`" not in card
+    assert "## Spatial-entropy regularisation (SAR)" in card
+    # The loss's settings, not the config's (which has none): the card says what was trained.
+    assert "peak λ (`sar_weight`): 0.03" in card and "- `sar_layer`: -2" in card
+    assert "sar_no_skip_no_norm" not in card
