@@ -98,21 +98,34 @@ def attention_metrics(model, processor, test) -> dict:
         pixel_values = torch.stack([transform(image) for image in batch])
         scores, (gh, gw) = cls_attention(model, pixel_values)  # [B, heads, gh*gw]
         entropies.append(sar_hf.spatial_entropy(scores, (gh, gw), reduction="none").flatten())
-        attention = scores.softmax(-1)
-        # The smallest set of patches that holds MASS_KEPT of the attention, per map.
-        order = attention.argsort(-1, descending=True)
-        cumulative = attention.gather(-1, order).cumsum(-1)
-        keep_sorted = (cumulative - attention.gather(-1, order)) < MASS_KEPT
-        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
         ink = torch.stack(
             [torch.from_numpy(np.asarray(image.convert("L").resize((gw, gh), Image.NEAREST)) > 0) for image in batch]
-        ).flatten(1)[:, None]  # [B, 1, gh*gw]
-        union = (keep | ink).sum(-1).clamp(min=1)
-        jaccards.append(((keep & ink).sum(-1) / union).flatten())
+        ).flatten(1)  # [B, gh*gw]
+        jaccards.append(attention_jaccard(scores, ink).flatten())
     return {
         "test_entropy": torch.cat(entropies).mean().item(),
         "test_jaccard": torch.cat(jaccards).mean().item(),
     }
+
+
+def attention_jaccard(scores: torch.Tensor, ink: torch.Tensor) -> torch.Tensor:
+    """Jaccard index `[B, heads]` between each map's attention and the object's mask.
+
+    The attention of a map is the smallest set of patches that holds `MASS_KEPT` of its softmax.
+
+    Args:
+        scores (`torch.Tensor` of shape `[B, heads, n]`): pre-softmax [CLS]-to-patch scores.
+        ink (`torch.BoolTensor` of shape `[B, n]`): the patches that the object covers.
+    """
+    attention = scores.softmax(-1)
+    order = attention.argsort(-1, descending=True)
+    sorted_attention = attention.gather(-1, order)
+    # A patch is kept while the mass before it is still short of MASS_KEPT.
+    keep_sorted = (sorted_attention.cumsum(-1) - sorted_attention) < MASS_KEPT
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    ink = ink[:, None]  # the same mask for every head
+    union = (keep | ink).sum(-1).clamp(min=1)
+    return (keep & ink).sum(-1) / union
 
 
 def read_runs(runs_path: str) -> dict:

@@ -72,3 +72,21 @@ def test_evidence_study_and_report(tmp_path):
     # A second invocation finds every run done and only rebuilds the report.
     evidence.main(study)
     assert len((out / "runs.jsonl").read_text().splitlines()) == 2
+
+
+def test_the_evidence_jaccard_against_a_hand_made_mask():
+    """Four patches with softmax mass 0.5, 0.3, 0.1, 0.1: keeping 60% of the mass keeps the first
+    two. Against the ink {1, 2}: intersection {1}, union {0, 1, 2}, so J = 1/3; the ink {0, 1}
+    gives 1, and its inverse {2, 3} gives 0."""
+    import torch
+
+    scores = torch.tensor([0.5, 0.3, 0.1, 0.1]).log()[None, None]  # [B=1, heads=1, n=4]
+    ink = torch.tensor([[False, True, True, False]])
+    assert evidence.attention_jaccard(scores, ink).item() == pytest.approx(1 / 3)
+    assert evidence.attention_jaccard(scores, torch.tensor([[True, True, False, False]])).item() == 1
+    assert evidence.attention_jaccard(scores, torch.tensor([[False, False, True, True]])).item() == 0
+    # Two heads and two images: one value per map, each with its own image's ink.
+    two = torch.stack([scores[0, 0], scores[0, 0].flip(-1)])[None].expand(2, 2, 4)
+    inks = torch.tensor([[True, True, False, False], [False, False, True, True]])
+    expected = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    torch.testing.assert_close(evidence.attention_jaccard(two, inks), expected)
