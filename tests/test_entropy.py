@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -490,6 +492,7 @@ def test_gpu_script_runs_on_the_cpu(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, "PYTHON": sys.executable},  # this interpreter, not whichever .venv the script finds
     )
     assert run.returncode == 0, run.stdout + run.stderr
     results = json.loads((out / "bench_loss_cpu.json").read_text())
