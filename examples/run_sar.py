@@ -550,20 +550,22 @@ def parse_args(args: list[str] | None = None):
         recipe_parser.add_argument("--recipe")
         recipe = recipe_parser.parse_known_args(args)[0].recipe
     own_data = bool(given & {"dataset_name", "train_dir", "validation_dir"})
+    # Trainer's own warm-up flags (`warmup_ratio`: the deprecated spelling of a fractional `warmup_steps`).
+    warmup_given = sorted(given & {"warmup_steps", "warmup_ratio"})
+    if "warmup_epochs" in given and warmup_given:
+        raise ValueError(
+            f"--warmup_epochs and --{warmup_given[0]} both set the learning-rate warm-up; give one of them."
+        )
     defaults = {"output_dir": DEFAULT_OUTPUT_DIRS[own_data], **TRAINING_DEFAULTS}
     if recipe in RECIPES:  # another value fails RecipeArguments' check
-        # An explicit --warmup_steps wins over the recipe's warm-up in epochs.
-        defaults.update(
-            {k: v for k, v in RECIPES[recipe].items() if not (k == "warmup_epochs" and "warmup_steps" in given)}
-        )
+        # An explicit --warmup_steps (or --warmup_ratio) wins over the recipe's warm-up in epochs.
+        defaults.update({k: v for k, v in RECIPES[recipe].items() if not (k == "warmup_epochs" and warmup_given)})
     if from_json:
         parsed = parser.parse_dict({**defaults, **values})
     else:
         parser.set_defaults(**defaults)
         parsed = parser.parse_args_into_dataclasses(args=args)
     training_args = parsed[-1]
-    if {"warmup_epochs", "warmup_steps"} <= given:
-        raise ValueError("--warmup_epochs and --warmup_steps both set the learning-rate warm-up; give one of them.")
     if not 0 <= training_args.label_smoothing_factor <= 1:
         raise ValueError(f"--label_smoothing_factor must be in [0, 1], got {training_args.label_smoothing_factor}.")
     if recipe in RECIPES and "learning_rate" not in given:

@@ -24,6 +24,7 @@ on any device. Where this departs from timm's recipe:
 * Mixup and cutmix pair each image with a random other one of the batch (timm: the batch reversed).
 """
 
+import contextlib
 import math
 
 import torch
@@ -41,6 +42,26 @@ RANDAUGMENT_MAX_MAGNITUDE = 10.0
 _KORNIA_MAX_MAGNITUDE = 30.0  # kornia's RandAugment scale
 #: timm applies each of the operations that RandAugment picks with this probability.
 RANDAUGMENT_OPERATION_PROB = 0.5
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device | str = "cpu"):
+    """Runs torch on one CPU thread within the block (on the CPU; elsewhere it changes nothing).
+
+    A batch here is small (e.g. 64×3×32×32) and kornia runs hundreds of small kernels on it; with
+    several intra-op threads, each kernel wakes them all, which gains nothing at this size and
+    costs much when other processes hold the cores (8× slower on 2 busy cores). DataLoader
+    workers run with one thread anyway.
+    """
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _check_probability(name: str, value: float) -> None:
@@ -102,7 +123,11 @@ class TrainImageTransform:
         self.erasing = RandomErasing(p=random_erasing_prob, value=0.0) if random_erasing_prob else None
 
     def __call__(self, images) -> torch.Tensor:
-        pixels = torch.stack([self.image_transform.pixels(image) for image in images])  # [B, 3, H, W] in [0, 1]
+        with _one_cpu_thread():
+            return self._augment(torch.stack([self.image_transform.pixels(image) for image in images]))
+
+    def _augment(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`[B, 3, H, W]` pixels in `[0, 1]` -> RandAugment, normalisation, random erasing."""
         if self.randaugment is not None:
             magnitude = self.magnitude
             if self.magnitude_std:
@@ -173,6 +198,10 @@ class MixupCutmix:
 
     def __call__(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`pixel_values` `[B, C, H, W]` and class indices `[B]` -> mixed images and soft targets `[B, classes]`."""
+        with _one_cpu_thread(pixel_values.device):
+            return self._mix(pixel_values, labels)
+
+    def _mix(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.rand(()).item() < self.switch_prob:
             pixel_values, mixed = self.cutmix(pixel_values, labels)  # [1, B, 3]: (y, y', 1 − box area)
             label, partner, own = mixed[0].unbind(-1)

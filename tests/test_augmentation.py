@@ -210,3 +210,22 @@ def test_bad_mixing_settings(kwargs, message):
 def test_bad_image_augmentation_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         _transform(**kwargs)
+
+
+def test_batch_operations_run_on_one_cpu_thread_and_restore_the_thread_count(monkeypatch):
+    transform = _transform(randaugment_ops=1)
+    mix = MixupCutmix(8, mixup_alpha=1.0)
+    seen = []
+    for module in (transform.randaugment, mix.mixup):
+        forward = module.forward
+        monkeypatch.setattr(
+            module, "forward", lambda *a, _f=forward, **k: seen.append(torch.get_num_threads()) or _f(*a, **k)
+        )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # so that one thread inside is not the default
+    try:
+        transform(_images(2))
+        mix(*_distinct())
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
