@@ -29,7 +29,8 @@ class SARTrainer(Trainer):
       as mixup, a custom loss): Trainer calls the model without labels, and this class wraps them
       so that they add the term.
 
-    A training step whose loss still lacks the term raises an error instead of training without it.
+    A training step whose loss still lacks the term raises an error ([`SARCallback`]) instead of
+    training without it.
 
     Callbacks see `logs` in order, and the reporting integrations (TensorBoard, W&B, ...) come
     before user callbacks; placing the SAR callback first lets them all record the `sar/*` values.
@@ -73,15 +74,6 @@ class SARTrainer(Trainer):
             return loss if term is None else loss + term[0]
 
         return loss_with_sar_term
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if model.training and find_sar_loss(model).capture.pending:
-            raise RuntimeError(
-                "The loss of this batch was computed without the SAR term: the model got no labels and no wrapped "
-                "loss used its scores (a `compute_loss` override?). Add `model.sar_loss.penalty(...)` to it."
-            )
-        return (loss, outputs) if return_outputs else loss
 
     def _load_weights(self, folder: str, model=None) -> bool:
         """Loads a checkpoint's weights into the model, strictly; False if Trainer should do it."""

@@ -33,3 +33,9 @@ def reference_entropy(scores: torch.Tensor, grid_size) -> float:
         p = mass / x[mask].sum() if regions else mass
         entropies.append(-(p * np.log(p)).sum())
     return float(np.mean(entropies))
+
+
+def assert_equal_up_to_row_constants(scores: torch.Tensor, log_probs: torch.Tensor):
+    """Pre-softmax scores `[B, heads, n]` against log-probabilities: equal up to one constant per row."""
+    difference = scores.double() - log_probs
+    torch.testing.assert_close(difference, difference.mean(-1, keepdim=True).expand_as(difference), rtol=0, atol=1e-5)
