@@ -134,6 +134,7 @@ from sar_hf.augmentation import (
 )
 from sar_hf.callbacks import GRANULARITIES, SCHEDULES
 from sar_hf.checkpoints import is_complete_checkpoint, last_complete_checkpoint
+from sar_hf.cluttered_digits import load_cluttered_digits_dataset
 from sar_hf.data import (
     ImageTransform,
     check_classes,
@@ -210,8 +211,12 @@ RECIPES = {
 RECIPE_LEARNING_RATE_PER_IMAGE = {"deit": 5e-4 / 512}
 #: Models that become a SARViTForImageClassification; any other ViT-family model keeps its own class.
 VIT_MODEL_TYPES = ("vit", SARViTConfig.model_type)
-DEFAULT_OUTPUT_DIRS = ("outputs/sar-digits", "outputs/sar-vit")  # bundled digits / user data
-DIGITS = "scikit-learn digits"
+#: Datasets built offline by sar_hf, by `--dataset_name`: (description, loader). Without --dataset_name
+#: or --train_dir, "digits" is used.
+BUNDLED_DATASETS = {
+    "digits": ("scikit-learn digits", load_digits_dataset),
+    "cluttered-digits": ("cluttered scikit-learn digits", load_cluttered_digits_dataset),
+}
 _TRUE = ("true", "last", "auto", "1", "yes")
 _FALSE = ("false", "none", "no", "0", "")
 
@@ -297,8 +302,10 @@ class DataTrainingArguments:
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "A dataset for `datasets.load_dataset`: a Hub id or a local folder of data files. Without "
-            "--dataset_name or --train_dir, the bundled scikit-learn digits are used."
+            "help": "A dataset for `datasets.load_dataset` (a Hub id or a local folder of data files), or a "
+            f"dataset that sar_hf builds offline: {', '.join(BUNDLED_DATASETS)} (a bundled name wins over a "
+            "folder of that name; write ./digits for the folder). Without --dataset_name or --train_dir, the "
+            "bundled scikit-learn digits are used."
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
@@ -437,8 +444,18 @@ class DataTrainingArguments:
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
     @property
-    def uses_digits(self) -> bool:
-        return self.dataset_name is None and self.train_dir is None
+    def bundled_dataset(self) -> str | None:
+        """The name of the bundled dataset in use (a key of `BUNDLED_DATASETS`), or None for the user's data."""
+        if self.dataset_name is None and self.train_dir is None:
+            return "digits"
+        return self.dataset_name if self.dataset_name in BUNDLED_DATASETS else None
+
+    @property
+    def description(self) -> str:
+        """The dataset, as the log and the model card name it."""
+        if self.bundled_dataset is not None:
+            return BUNDLED_DATASETS[self.bundled_dataset][0]
+        return self.dataset_name or self.train_dir
 
 
 @dataclass
@@ -527,8 +544,8 @@ def parse_args(args: list[str] | None = None):
     """`(model_args, data_args, sar_args, recipe_args, training_args)` from a command line, or from one `.json` file.
 
     Each value comes from, in order of precedence: the arguments; the `--recipe`; the script's
-    defaults (`TRAINING_DEFAULTS`, and `--output_dir` outputs/sar-digits for the bundled digits,
-    outputs/sar-vit otherwise); the dataclasses' defaults.
+    defaults (`TRAINING_DEFAULTS`, and `--output_dir` outputs/sar-<name> for a bundled dataset,
+    e.g. outputs/sar-digits, outputs/sar-vit otherwise); the dataclasses' defaults.
     """
     import argparse
     import json
@@ -542,21 +559,23 @@ def parse_args(args: list[str] | None = None):
         with open(os.path.abspath(args[0]), encoding="utf-8") as file:
             values = json.load(file)
         given = {key for key, value in values.items() if value is not None}
-        recipe = values.get("recipe")
+        recipe, dataset_name = values.get("recipe"), values.get("dataset_name")
     else:
         # `--flag`, `--flag=value` and `--flag-name` spellings, as HfArgumentParser accepts them.
         given = {arg.split("=", 1)[0][2:].replace("-", "_") for arg in args if arg.startswith("--")}
         recipe_parser = argparse.ArgumentParser(add_help=False)
         recipe_parser.add_argument("--recipe")
-        recipe = recipe_parser.parse_known_args(args)[0].recipe
-    own_data = bool(given & {"dataset_name", "train_dir", "validation_dir"})
+        recipe_parser.add_argument("--dataset_name", "--dataset-name")
+        recipe, dataset_name = vars(recipe_parser.parse_known_args(args)[0]).values()
+    own_data = bool(given & {"dataset_name", "train_dir", "validation_dir"}) and dataset_name not in BUNDLED_DATASETS
     # Trainer's own warm-up flags (`warmup_ratio`: the deprecated spelling of a fractional `warmup_steps`).
     warmup_given = sorted(given & {"warmup_steps", "warmup_ratio"})
     if "warmup_epochs" in given and warmup_given:
         raise ValueError(
             f"--warmup_epochs and --{warmup_given[0]} both set the learning-rate warm-up; give one of them."
         )
-    defaults = {"output_dir": DEFAULT_OUTPUT_DIRS[own_data], **TRAINING_DEFAULTS}
+    output_dir = "outputs/sar-vit" if own_data else f"outputs/sar-{dataset_name or 'digits'}"
+    defaults = {"output_dir": output_dir, **TRAINING_DEFAULTS}
     if recipe in RECIPES:  # another value fails RecipeArguments' check
         # An explicit --warmup_steps (or --warmup_ratio) wins over the recipe's warm-up in epochs.
         defaults.update({k: v for k, v in RECIPES[recipe].items() if not (k == "warmup_epochs" and warmup_given)})
@@ -581,7 +600,9 @@ def load_data(model_args: ModelArguments, data_args: DataTrainingArguments, trai
     from datasets import DatasetDict, load_dataset
 
     image_col, label_col = data_args.image_column_name, data_args.label_column_name
-    if data_args.dataset_name is not None:
+    if data_args.bundled_dataset is not None:
+        dataset = BUNDLED_DATASETS[data_args.bundled_dataset][1]()
+    elif data_args.dataset_name is not None:
         dataset = load_dataset(
             data_args.dataset_name,
             data_args.dataset_config_name,
@@ -596,8 +617,6 @@ def load_data(model_args: ModelArguments, data_args: DataTrainingArguments, trai
             data_files["validation"] = os.path.join(data_args.validation_dir, "**")
         # drop_labels=False: one class folder still gives a label column (and a clear error below).
         dataset = load_dataset("imagefolder", data_files=data_files, cache_dir=model_args.cache_dir, drop_labels=False)
-    else:
-        dataset = load_digits_dataset()
 
     aliases = {"val": "validation", "valid": "validation"}
     dataset = DatasetDict({aliases.get(name, name): split for name, split in dataset.items()})
@@ -833,7 +852,7 @@ def main(args: list[str] | None = None) -> dict:
     labels = dataset["train"].features[label_col].names
     logger.info(
         "Data: %s, %d classes, %s",
-        DIGITS if data_args.uses_digits else data_args.dataset_name or data_args.train_dir,
+        data_args.description,
         len(labels),
         ", ".join(f"{name} {len(split)}" for name, split in dataset.items()),
     )
@@ -863,7 +882,7 @@ def main(args: list[str] | None = None) -> dict:
         processor.image_mean,
         processor.image_std,
         augment=data_args.augment,
-        hflip=data_args.hflip if data_args.hflip is not None else not data_args.uses_digits,
+        hflip=data_args.hflip if data_args.hflip is not None else data_args.bundled_dataset is None,
         crop_scale=(data_args.crop_scale_min, 1.0),
         resample=getattr(processor, "resample", None),
     )
@@ -978,7 +997,7 @@ def main(args: list[str] | None = None) -> dict:
     card = {
         "finetuned_from": None if local else model_args.model_name_or_path,
         "tasks": "image-classification",
-        "dataset": DIGITS if data_args.uses_digits else data_args.dataset_name,
+        "dataset": data_args.description if data_args.train_dir is None else None,
         "tags": ["image-classification", "vision"],
     }
     if training_args.push_to_hub:
@@ -989,6 +1008,9 @@ def main(args: list[str] | None = None) -> dict:
         for name in ("eval", "test"):
             if f"{name}_accuracy" in results:
                 print(f"final {name} accuracy: {results[f'{name}_accuracy']:.4f}", flush=True)
+    # Destroys the process group under `accelerate launch`: a gloo group left to interpreter exit can abort
+    # a rank ("terminate called without an active exception") after the work is done.
+    trainer.accelerator.end_training()
     return results
 
 

@@ -56,22 +56,70 @@ def test_bench_step_reports_ratios_of_variants_that_really_differ(tmp_path, monk
     assert variants["plain"]["peak_ratio"] == 1 and all(v["peak_ratio"] > 0 for v in variants.values())
 
 
+SUMMARY_KEYS = {
+    "dataset", "fraction", "variant", "n", "accuracy_mean", "accuracy_std", "entropy_mean", "jaccard_mean",
+}  # fmt: skip
+PAIRED_KEYS = {"n_paired"} | {
+    f"{metric}{name}"
+    for metric in ("", "entropy_", "jaccard_")
+    for name in ("diff_vs_baseline", "ci95_low", "ci95_high")
+}
+
+
 @pytest.mark.slow
-def test_evidence_study_and_report(tmp_path):
+def test_evidence_study_writes_the_summary_and_resumes(tmp_path):
     out = tmp_path / "evidence"
-    study = ["--seeds", "0", "--fractions", "0.1", "--max_steps", "2", "--variants", "baseline", "sar-0.01",
-             "--output", str(out)]  # fmt: skip
+    study = ["--datasets", "cluttered-digits", "--seeds", "0", "1", "--fractions", "0.05", "--epochs", "1",
+             "--variants", "baseline", "sar-0.1", "--output", str(out)]  # fmt: skip
     evidence.main(study)
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
-    assert sorted(run["variant"] for run in runs) == ["baseline", "sar-0.01"]
+    assert sorted((run["seed"], run["variant"]) for run in runs) == [
+        (0, "baseline"), (0, "sar-0.1"), (1, "baseline"), (1, "sar-0.1"),
+    ]  # fmt: skip
     for run in runs:
         assert 0 <= run["test_accuracy"] <= 1 and 0 <= run["test_jaccard"] <= 1 and run["test_entropy"] >= 0
+        assert len(run["validation_curve"]) >= 1 and run["validation_curve"][-1][0] == pytest.approx(1)
+    summary = json.loads((out / "summary.json").read_text())
+    baseline, sar = (next(row for row in summary if row["variant"] == v) for v in ("baseline", "sar-0.1"))
+    assert set(baseline) == SUMMARY_KEYS and set(sar) == SUMMARY_KEYS | PAIRED_KEYS
+    assert (sar["dataset"], sar["fraction"], sar["n"], sar["n_paired"]) == ("cluttered-digits", 0.05, 2, 2)
+    # The paired difference, recomputed from the runs by hand.
+    accuracy = {(run["seed"], run["variant"]): run["test_accuracy"] for run in runs}
+    differences = [accuracy[s, "sar-0.1"] - accuracy[s, "baseline"] for s in (0, 1)]
+    assert sar["diff_vs_baseline"] == pytest.approx(sum(differences) / 2)
+    assert sar["ci95_low"] <= sar["diff_vs_baseline"] <= sar["ci95_high"]
+    assert baseline["accuracy_mean"] == pytest.approx((accuracy[0, "baseline"] + accuracy[1, "baseline"]) / 2)
     report = (out / "README.md").read_text()
-    assert "| train fraction | baseline | sar-0.01 |" in report
-    assert (out / "evidence.png").is_file() and (out / "attention_maps.png").is_file()
+    assert "| 5% | sar-0.1 | 2 |" in report
+    for picture in ("evidence.png", "plateau.png", "attention_maps_cluttered-digits.png"):
+        assert (out / picture).is_file(), picture
     # A second invocation finds every run done and only rebuilds the report.
     evidence.main(study)
-    assert len((out / "runs.jsonl").read_text().splitlines()) == 2
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 4
+
+
+def test_the_paired_interval_against_a_hand_computation():
+    """Differences 0.1, 0.2, 0.0: mean 0.1, sample sd 0.1, n = 3; t(0.975, 2 df) = 4.303 from the
+    tables, so the half-width is 4.303 · 0.1 / √3 = 0.2484."""
+    mean, low, high = evidence.paired_interval([0.8, 0.9, 0.7], [0.7, 0.7, 0.7])
+    assert mean == pytest.approx(0.1)
+    assert (low, high) == pytest.approx((0.1 - 0.2484, 0.1 + 0.2484), abs=1e-4)
+    mean, low, high = evidence.paired_interval([0.5], [0.25])  # one pair: no interval
+    assert mean == 0.25 and low != low and high != high
+
+
+def test_object_patches_are_the_cells_holding_any_ink():
+    """An 8x8 mask on a 4x4 grid: each patch covers 2x2 pixels. One inked pixel at (3, 5) marks
+    patch (1, 2) alone; a 3x3 block at rows 4..6, columns 0..2 marks patches (2..3, 0..1)."""
+    import torch
+
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[0, 3, 5] = True
+    masks[1, 4:7, 0:3] = True
+    expected = torch.zeros(2, 4, 4, dtype=torch.bool)
+    expected[0, 1, 2] = True
+    expected[1, 2:4, 0:2] = True
+    assert torch.equal(evidence.object_patches(masks, (4, 4)), expected.flatten(1))
 
 
 def test_the_evidence_jaccard_against_a_hand_made_mask():

@@ -87,7 +87,9 @@ def _image_folder(root, classes=("cat", "dog", "eel"), per_class=6, size=(12, 10
 def test_defaults_need_no_arguments():
     model_args, data_args, sar_args, recipe_args, training_args = run_sar.parse_args([])
     assert model_args.model_preset == "small" and model_args.model_name_or_path is None
-    assert data_args.uses_digits and data_args.train_val_split == 0.15 and data_args.train_fraction == 1.0
+    assert (
+        data_args.bundled_dataset == "digits" and data_args.train_val_split == 0.15 and data_args.train_fraction == 1.0
+    )
     assert (sar_args.sar_weight, sar_args.sar_schedule, sar_args.sar_granularity) == (0.01, "warmup_cosine", "auto")
     assert training_args.output_dir == "outputs/sar-digits"
     assert training_args.do_train and training_args.do_eval and not training_args.remove_unused_columns
@@ -102,6 +104,22 @@ def test_defaults_need_no_arguments():
     *_, training_args = run_sar.parse_args(args)
     assert training_args.output_dir == "outputs/sar-vit"
     assert training_args.learning_rate == 5e-5 and not training_args.do_eval
+
+
+def test_a_bundled_dataset_by_name(tmp_path):
+    """`--dataset_name cluttered-digits` builds the bundled dataset offline: its own validation split
+    is used, digits are not flipped, and the default output folder and the card name it."""
+    args = ["--dataset_name", "cluttered-digits", "--model_preset", "tiny", "--max_train_samples", "32"]
+    model_args, data_args, _, _, training_args = run_sar.parse_args(args)
+    assert training_args.output_dir == "outputs/sar-cluttered-digits"
+    assert data_args.bundled_dataset == "cluttered-digits" and data_args.description == "cluttered scikit-learn digits"
+    dataset, _ = run_sar.load_data(model_args, data_args, training_args)
+    assert {name: len(split) for name, split in dataset.items()} == {"train": 32, "validation": 216, "test": 720}
+    assert dataset["train"].column_names == ["image", "label"]
+    # The folder of that name is reached with a path.
+    (tmp_path / "cluttered-digits").mkdir()
+    _, data_args, *_ = run_sar.parse_args(["--dataset_name", str(tmp_path / "cluttered-digits")])
+    assert data_args.bundled_dataset is None
 
 
 def test_json_config_file(tmp_path):

@@ -1,0 +1,97 @@
+"""The cluttered digits: deterministic, split-clean, masks on the ink, clutter off the mask."""
+
+import numpy as np
+import pytest
+
+from sar_hf.cluttered_digits import build_split, compose_canvas, enlarge, load_cluttered_digits_dataset
+from sar_hf.data import load_digits_arrays
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return load_cluttered_digits_dataset()
+
+
+def arrays(split, column, count=None):
+    rows = split if count is None else split.select(range(count))
+    return np.stack([np.asarray(image) for image in rows[column]])
+
+
+def test_the_same_seed_builds_the_same_canvases_and_another_seed_others(dataset):
+    again = load_cluttered_digits_dataset()
+    for name in ("train", "validation", "test"):
+        np.testing.assert_array_equal(arrays(dataset[name], "image"), arrays(again[name], "image"))
+        np.testing.assert_array_equal(arrays(dataset[name], "mask"), arrays(again[name], "mask"))
+        assert dataset[name]["label"] == again[name]["label"]
+    other = load_cluttered_digits_dataset(seed=1)
+    assert not np.array_equal(arrays(dataset["test"], "image", 20), arrays(other["test"], "image", 20))
+
+
+def test_splits_come_from_the_digits_own_splits(dataset):
+    pixels, labels, train_idx, test_idx = load_digits_arrays()
+    train, validation, test = (set(dataset[name]["digit"]) for name in ("train", "validation", "test"))
+    assert train | validation == set(train_idx.tolist()) and not train & validation
+    assert test == set(test_idx.tolist())
+    assert len(dataset["test"]) == 2 * len(test_idx)  # two canvases per test digit
+    for name in ("train", "validation", "test"):
+        digits = np.asarray(dataset[name]["digit"])
+        np.testing.assert_array_equal(np.asarray(dataset[name]["label"]), labels[digits])
+
+
+def test_masks_are_the_ink_of_the_placed_digit_and_nothing_else_touches_its_box(dataset):
+    """For each canvas, the enlarged digit is found at a position near the centre where the image equals it
+    pixel for pixel; the mask is that digit's ink (> 0) there and False everywhere else; and the
+    ring of one pixel around the digit's box is empty (the clutter keeps clear)."""
+    pixels = enlarge(load_digits_arrays()[0], 2)
+    split = dataset["test"].select(range(40))
+    images, masks = arrays(split, "image"), arrays(split, "mask") > 0
+    for image, mask, index in zip(images, masks, split["digit"], strict=True):
+        digit = pixels[index]
+        side, size = digit.shape[0], image.shape[0]
+        found = [
+            (y, x) for y in range(size - side + 1) for x in range(size - side + 1)
+            if np.array_equal(image[y : y + side, x : x + side], digit)
+            and np.array_equal(mask[y : y + side, x : x + side], digit > 0)
+            and mask.sum() == (digit > 0).sum()
+        ]  # fmt: skip
+        assert len(found) >= 1, index
+        y, x = found[0]
+        assert abs(y - 8) <= 2 and abs(x - 8) <= 2  # within MAX_OFFSET of the centre
+        ring = np.zeros_like(mask)
+        ring[max(y - 1, 0) : y + side + 1, max(x - 1, 0) : x + side + 1] = True
+        ring[y : y + side, x : x + side] = False
+        assert not image[ring].any()
+        assert image[~mask].any()  # there is clutter
+
+
+def test_the_clutter_never_overlaps_the_mask_and_comes_from_other_digits_of_the_split():
+    """Digits of constant, distinct values show where every clutter pixel came from: the canvas of
+    digit i holds the value i+1 only on its mask, and elsewhere only values of the split's other digits."""
+    count = 30
+    pixels = np.stack([np.full((16, 16), i + 1, np.uint8) for i in range(count)])
+    pixels[:, :, :3] = 0  # some background in every digit, so the mask is not the whole box
+    indices = np.arange(0, count, 2)  # the split: even digits; the odd ones must never show up
+    rng = np.random.default_rng(0)
+    columns = build_split(pixels, np.zeros(count, np.int64), indices, 3, 40, 8, 6, rng)
+    for image, mask, index in zip(columns["image"], columns["mask"], columns["digit"], strict=True):
+        image, mask = np.asarray(image), np.asarray(mask) > 0
+        assert (image[mask] == index + 1).all() and mask.sum() == (pixels[index] > 0).sum()
+        clutter = set(np.unique(image[~mask]).tolist()) - {0}
+        assert clutter and clutter <= {i + 1 for i in indices if i != index}
+
+
+def test_compose_canvas_refuses_nothing_and_keeps_pieces_clear_on_a_tight_canvas():
+    """The smallest canvas the loader admits (the digit, two fragments and a pixel) still places
+    every piece clear of the digit, wherever the digit lies."""
+    rng = np.random.default_rng(1)
+    digit, piece = np.full((16, 16), 200, np.uint8), np.full((6, 6), 100, np.uint8)
+    for _ in range(200):
+        image, mask = compose_canvas(digit, [piece] * 6, 16 + 2 * 6 + 1, rng)
+        assert mask.sum() == 256 and (image[mask] == 200).all() and (image == 100).any()
+
+
+def test_bad_geometry_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="no room for the clutter"):
+        load_cluttered_digits_dataset(canvas_size=16 + 2 * 4)
+    with pytest.raises(ValueError, match="larger than the enlarged digit"):
+        load_cluttered_digits_dataset(scale=1, fragment_size=9, canvas_size=40)
