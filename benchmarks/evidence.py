@@ -67,7 +67,7 @@ def parse_args(argv=None):
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--epochs", type=int, default=60, help="Epochs of every run (the same for every fraction).")
+    parser.add_argument("--epochs", type=int, default=50, help="Epochs of every run (the same for every fraction).")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--picture_seed", type=int, default=0, help="Seed whose smallest-fraction models are kept.")
     parser.add_argument("--output", default="benchmarks/results/evidence")
