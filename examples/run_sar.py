@@ -29,6 +29,7 @@ about 5 minutes and reaches about 98% test accuracy:
     python examples/run_sar.py                                    # -> outputs/sar-digits
     python examples/run_sar.py --sar_weight 0 --output_dir outputs/baseline-digits   # plain ViT baseline
     python examples/run_sar.py --train_fraction 0.25 --output_dir outputs/sar-digits-25pc  # small data
+    python examples/run_sar.py --dataset_name cluttered-digits   # digits among clutter -> outputs/sar-cluttered-digits
     python examples/run_sar.py my_run.json                        # every argument from a JSON file
 
 Fine-tune a checkpoint on your images (one subfolder per class), or on a dataset of the Hub. A ViT
