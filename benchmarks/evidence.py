@@ -16,9 +16,10 @@ final model on the dataset's fixed held-out test split:
   averaged over heads and images.
 
 The budget is in epochs, so every fraction makes the same number of passes over its data; the
-validation accuracy is logged ten times per run, and the report plots the baseline's curves to show
-that it has plateaued. Each SAR row carries its paired difference from the baseline (same dataset,
-fraction and seed) with a 95% paired t interval.
+validation accuracy is logged ten times per run, and the report plots the baseline's curves. The
+plateau check trains the baseline at the smallest fraction again with twice the epochs, for every
+seed, and reports what the doubled budget changes. Each SAR row carries its paired difference from
+the baseline (same dataset, fraction and seed) with a 95% paired t interval.
 
 Runs are appended to `runs.jsonl` as they finish, so an interrupted study resumes where it stopped
 (delete `claims/` first), and several processes can share the work: each claims a run before it
@@ -28,7 +29,7 @@ end of each invocation.
 
     # the whole study, one process per core (about two hours on 2 CPU cores):
     OMP_NUM_THREADS=1 python benchmarks/evidence.py & OMP_NUM_THREADS=1 python benchmarks/evidence.py; wait
-    python benchmarks/evidence.py --seeds 0 --fractions 0.1 --epochs 2   # a quick look
+    python benchmarks/evidence.py --seeds 0 1 --fractions 0.1 --epochs 2 --output /tmp/evidence  # a quick look
 """
 
 import argparse
@@ -70,6 +71,12 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=50, help="Epochs of every run (the same for every fraction).")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--picture_seed", type=int, default=0, help="Seed whose smallest-fraction models are kept.")
+    parser.add_argument(
+        "--plateau_check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Also train the baseline at the smallest fraction with twice the epochs, for every seed.",
+    )
     parser.add_argument("--output", default="benchmarks/results/evidence")
     return parser.parse_args(argv)
 
@@ -116,20 +123,24 @@ def object_patches(masks: torch.Tensor, grid_size: tuple[int, int]) -> torch.Ten
     return (cover > 0).flatten(1)
 
 
+def object_masks(split) -> torch.Tensor:
+    """`bool [N, H, W]`: the object of every image of a split (plain digits: the ink, pixels > 0)."""
+    column = "mask" if "mask" in split.column_names else "image"
+    return torch.stack([torch.from_numpy(np.asarray(image.convert("L")) > 0) for image in split[column]])
+
+
 @torch.no_grad()
 def attention_metrics(model, processor, test) -> dict:
     """Mean spatial entropy and Jaccard index of the model's [CLS] maps on the test images."""
     size = run_sar.processor_size(processor)
     transform = run_sar.ImageTransform(size, processor.image_mean, processor.image_std)
-    mask_column = "mask" if "mask" in test.column_names else "image"  # plain digits: the ink is the mask
     entropies, jaccards = [], []
     for start in range(0, len(test), 256):
-        batch = test[start : start + 256]
+        batch = test.select(range(start, min(start + 256, len(test))))
         pixel_values = torch.stack([transform(image) for image in batch["image"]])
         scores, grid_size = cls_attention(model, pixel_values)  # [B, heads, gh*gw]
         entropies.append(sar_hf.spatial_entropy(scores, grid_size, reduction="none").flatten())
-        masks = torch.stack([torch.from_numpy(np.asarray(m.convert("L")) > 0) for m in batch[mask_column]])
-        jaccards.append(attention_jaccard(scores, object_patches(masks, grid_size)).flatten())
+        jaccards.append(attention_jaccard(scores, object_patches(object_masks(batch), grid_size)).flatten())
     return {
         "test_entropy": torch.cat(entropies).mean().item(),
         "test_jaccard": torch.cat(jaccards).mean().item(),
@@ -154,6 +165,17 @@ def attention_jaccard(scores: torch.Tensor, ink: torch.Tensor) -> torch.Tensor:
     ink = ink[:, None]  # the same mask for every head
     union = (keep | ink).sum(-1).clamp(min=1)
     return (keep & ink).sum(-1) / union
+
+
+def fixed_map_jaccard(dataset: str, grid_size: tuple[int, int]) -> float:
+    """The mean Jaccard of one fixed map on every test image: how often each patch holds the object
+    in the training images, used as the map of every image. A model's attention that had learnt only
+    where objects usually lie, and nothing of the image, would score this."""
+    data = run_sar.BUNDLED_DATASETS[dataset][1]()
+    frequency = object_patches(object_masks(data["train"]), grid_size).float().mean(0)
+    test = object_patches(object_masks(data["test"]), grid_size)
+    scores = frequency.clamp_min(1e-6).log().expand(len(test), 1, -1)
+    return attention_jaccard(scores, test).mean().item()
 
 
 def paired_interval(values, baseline, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
@@ -196,38 +218,74 @@ def claim(output: str, key: tuple) -> bool:
         return False
 
 
+def planned_runs(args) -> list[dict]:
+    """The study's runs, in order: every (dataset, fraction, seed, variant) at the budget, then the
+    plateau check: the baseline at the smallest fraction with twice the epochs, for every seed."""
+    budget = {"epochs": args.epochs, "batch_size": args.batch_size}
+    plan = [
+        {"dataset": dataset, "fraction": fraction, "seed": seed, "variant": variant, **budget}
+        for dataset in args.datasets
+        for fraction in args.fractions
+        for seed in args.seeds
+        for variant in args.variants
+    ]
+    if args.plateau_check:
+        plan += [
+            {"dataset": dataset, "fraction": min(args.fractions), "seed": seed, "variant": "baseline",
+             "epochs": 2 * args.epochs, "batch_size": args.batch_size}
+            for dataset in args.datasets
+            for seed in args.seeds
+        ]  # fmt: skip
+    return plan
+
+
+def picture_models_dir(args, dataset: str) -> str:
+    """Where the picture seed's smallest-fraction models of `dataset` are kept, one folder per variant."""
+    name = f"{dataset}_{min(args.fractions)}_seed{args.picture_seed}_{args.epochs}ep_batch{args.batch_size}"
+    return os.path.join(args.output, "models", name)
+
+
 def run_study(args) -> list[dict]:
+    """Runs every planned run that no finished or claimed run covers; returns all finished runs."""
     os.makedirs(args.output, exist_ok=True)
     runs_path = os.path.join(args.output, "runs.jsonl")
-    for dataset in args.datasets:
-        test = run_sar.BUNDLED_DATASETS[dataset][1]()["test"]
-        for fraction in args.fractions:
-            for seed in args.seeds:
-                for variant in args.variants:
-                    run = {"dataset": dataset, "fraction": fraction, "seed": seed, "variant": variant}
-                    run.update(epochs=args.epochs, batch_size=args.batch_size)
-                    if run_key(run) in read_runs(runs_path) or not claim(args.output, run_key(run)):
-                        continue
-                    with tempfile.TemporaryDirectory() as output_dir:
-                        run.update(train_one(run, output_dir))
-                        model = sar_hf.SARViTForImageClassification.from_pretrained(output_dir)
-                        processor = load_image_processor(output_dir)
-                        run.update(attention_metrics(model, processor, test))
-                        if fraction == min(args.fractions) and seed == args.picture_seed:
-                            kept = os.path.join(args.output, "models", dataset, variant)
-                            model.save_pretrained(kept)
-                            processor.save_pretrained(kept)
-                    print(json.dumps(run), flush=True)
-                    with open(runs_path, "a") as f:
-                        f.write(json.dumps(run) + "\n")
-    budget = (args.epochs, args.batch_size)
-    return [run for run in read_runs(runs_path).values() if (run["epochs"], run["batch_size"]) == budget]
+    tests = {}
+    for run in planned_runs(args):
+        if run_key(run) in read_runs(runs_path) or not claim(args.output, run_key(run)):
+            continue
+        if run["dataset"] not in tests:
+            tests[run["dataset"]] = run_sar.BUNDLED_DATASETS[run["dataset"]][1]()["test"]
+        with tempfile.TemporaryDirectory() as output_dir:
+            run.update(train_one(run, output_dir))
+            model = sar_hf.SARViTForImageClassification.from_pretrained(output_dir)
+            processor = load_image_processor(output_dir)
+            run.update(attention_metrics(model, processor, tests[run["dataset"]]))
+            pictured = (run["fraction"], run["seed"], run["epochs"]) == (
+                min(args.fractions),
+                args.picture_seed,
+                args.epochs,
+            )
+            if pictured:
+                kept = os.path.join(picture_models_dir(args, run["dataset"]), run["variant"])
+                model.save_pretrained(kept)
+                processor.save_pretrained(kept)
+        print(json.dumps(run), flush=True)
+        with open(runs_path, "a") as f:
+            f.write(json.dumps(run) + "\n")
+    return list(read_runs(runs_path).values())
+
+
+def _finite(value):
+    """`value` as a float, or None where it is not finite (JSON has no NaN)."""
+    return float(value) if value is not None and np.isfinite(value) else None
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """One row per (dataset, fraction, variant): means over seeds, and each SAR variant's paired
-    differences from the baseline of the same seeds with their `CONFIDENCE` t intervals."""
+    """One row per (dataset, fraction, variant) of runs at one budget: means over seeds and, for each
+    SAR variant, the paired differences from the baseline over the seeds both finished, with their
+    `CONFIDENCE` t intervals (None for the baseline itself, and where fewer than two pairs exist)."""
     rows = []
+    metrics = (("test_accuracy", ""), ("test_entropy", "entropy_"), ("test_jaccard", "jaccard_"))
     for dataset in [d for d in DATASETS if any(r["dataset"] == d for r in runs)]:
         for fraction in sorted({r["fraction"] for r in runs if r["dataset"] == dataset}):
             cell = [r for r in runs if r["dataset"] == dataset and r["fraction"] == fraction]
@@ -238,51 +296,86 @@ def summarize(runs: list[dict]) -> list[dict]:
                     continue
                 accuracy = [r["test_accuracy"] for r in seeds.values()]
                 row = {
-                    "dataset": dataset, "fraction": fraction, "variant": variant, "n": len(seeds),
-                    "accuracy_mean": float(np.mean(accuracy)), "accuracy_std": float(np.std(accuracy, ddof=1))
-                    if len(accuracy) > 1 else float("nan"),
+                    "dataset": dataset,
+                    "fraction": fraction,
+                    "variant": variant,
+                    "n": len(seeds),
+                    "accuracy_mean": float(np.mean(accuracy)),
+                    "accuracy_std": _finite(np.std(accuracy, ddof=1)) if len(accuracy) > 1 else None,
                     "entropy_mean": float(np.mean([r["test_entropy"] for r in seeds.values()])),
                     "jaccard_mean": float(np.mean([r["test_jaccard"] for r in seeds.values()])),
-                }  # fmt: skip
-                paired = sorted(set(seeds) & set(baseline))
-                if variant != "baseline" and paired:
-                    for metric, name in (
-                        ("test_accuracy", ""),
-                        ("test_entropy", "entropy_"),
-                        ("test_jaccard", "jaccard_"),
-                    ):
-                        mean, low, high = paired_interval(
-                            [seeds[s][metric] for s in paired], [baseline[s][metric] for s in paired]
+                }
+                paired = sorted(set(seeds) & set(baseline)) if variant != "baseline" else []
+                row["n_paired"] = len(paired)
+                for metric, name in metrics:
+                    mean = low = high = None
+                    if paired:
+                        mean, low, high = map(
+                            _finite,
+                            paired_interval([seeds[s][metric] for s in paired], [baseline[s][metric] for s in paired]),
                         )
-                        row.update({f"{name}diff_vs_baseline": mean, f"{name}ci95_low": low, f"{name}ci95_high": high})
-                    row["n_paired"] = len(paired)
+                    row.update({f"{name}diff_vs_baseline": mean, f"{name}ci95_low": low, f"{name}ci95_high": high})
                 rows.append(row)
     return rows
 
 
-def report(runs: list[dict], args, seconds: float) -> None:
+def plateau_rows(runs: list[dict], args) -> list[dict]:
+    """Per dataset: the baseline at the smallest fraction after the budget and after twice the
+    epochs, over the seeds that have both, and the paired difference (twice minus once)."""
+    rows = []
+    for dataset in args.datasets:
+        once, twice = (
+            {
+                r["seed"]: r["test_accuracy"] for r in runs
+                if (r["dataset"], r["fraction"], r["variant"], r["epochs"], r["batch_size"])
+                == (dataset, min(args.fractions), "baseline", epochs, args.batch_size)
+            }
+            for epochs in (args.epochs, 2 * args.epochs)
+        )  # fmt: skip
+        seeds = sorted(set(once) & set(twice))
+        if seeds:
+            mean, low, high = map(_finite, paired_interval([twice[s] for s in seeds], [once[s] for s in seeds]))
+            rows.append({
+                "dataset": dataset, "fraction": min(args.fractions), "n": len(seeds),
+                "accuracy_budget": float(np.mean([once[s] for s in seeds])),
+                "accuracy_twice_the_epochs": float(np.mean([twice[s] for s in seeds])),
+                "diff": mean, "ci95_low": low, "ci95_high": high,
+            })  # fmt: skip
+    return rows
+
+
+def _interval(mean, low, high) -> str:
+    if mean is None:
+        return "—"
+    if low is None:
+        return f"{mean:+.4f}"
+    return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]"
+
+
+def report(runs: list[dict], args) -> None:
     """Writes summary.json, README.md, evidence.png, plateau.png and the attention pictures into args.output."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = summarize(runs)
+    budget = [r for r in runs if (r["epochs"], r["batch_size"]) == (args.epochs, args.batch_size)]
+    rows = summarize(budget)
+    if not rows:
+        print(f"No finished runs at {args.epochs} epochs, batch {args.batch_size} in {args.output}: no report.")
+        return
     with open(os.path.join(args.output, "summary.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+        json.dump(rows, f, indent=1, allow_nan=False)
     datasets = list(dict.fromkeys(row["dataset"] for row in rows))
-    seeds = sorted({r["seed"] for r in runs})
-
-    def interval(row, name=""):
-        if f"{name}diff_vs_baseline" not in row:
-            return "—"
-        return f"{row[f'{name}diff_vs_baseline']:+.4f} [{row[f'{name}ci95_low']:+.4f}, {row[f'{name}ci95_high']:+.4f}]"
+    seeds = sorted({r["seed"] for r in budget})
+    preset = run_sar.MODEL_PRESETS["small"]
+    grid_size = (preset["image_size"] // preset["patch_size"],) * 2
 
     lines = [
         "# Evidence: plain ViT against SAR on the digits and the cluttered digits",
         "",
-        f"Generated by `python benchmarks/evidence.py` on {datetime.date.today()}; {seconds / 60:.0f} min of "
-        "training summed over runs (two processes in parallel, one thread each).",
+        f"Generated by `python benchmarks/evidence.py` on {datetime.date.today()}; "
+        f"{sum(r['train_seconds'] for r in budget) / 60:.0f} min of training summed over the runs.",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; Python "
         f"{platform.python_version()}, torch {torch.__version__}, transformers {run_sar.transformers.__version__}.",
         "",
@@ -294,80 +387,117 @@ def report(runs: list[dict], args, seconds: float) -> None:
         "`sar-0.1` add the spatial entropy under the paper's warm-up and cosine schedule.",
         "",
         "Columns: test accuracy (mean ± std over seeds); its paired difference from the baseline with a "
-        f"{CONFIDENCE:.0%} paired t interval (mean ± t·sd/√n over the seeds' differences); mean spatial entropy "
-        "of the test maps in nats (lower = fewer, more compact regions) and its paired difference; the "
-        f"Jaccard index of each map thresholded to keep {MASS_KEPT:.0%} of its mass against the object's "
-        "patches (the digit's ink) and its paired difference.",
+        f"{CONFIDENCE:.0%} paired t interval (mean ± t·sd/√n over the seeds' differences; *pairs* seeds that "
+        "both variants finished); mean spatial entropy of the test maps in nats (lower = fewer, more compact "
+        f"regions); the Jaccard index of each map thresholded to keep {MASS_KEPT:.0%} of its mass against the "
+        "object's patches (those holding any of the digit's ink); and their paired differences. The intervals "
+        "cover the variation over training seeds (data subset and initialisation) on a fixed test set, not "
+        "the sampling of the test set; the cluttered test set's two canvases per digit are not independent.",
         "",
     ]
     for dataset in datasets:
         lines += [
             f"## {run_sar.BUNDLED_DATASETS[dataset][0]}",
             "",
-            "| fraction | variant | n | accuracy | Δ accuracy [95% CI] | entropy | Δ entropy [95% CI] | Jaccard | "
-            "Δ Jaccard [95% CI] |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| fraction | variant | n | accuracy | Δ accuracy [95% CI] | pairs | entropy | Δ entropy [95% CI] "
+            "| Jaccard | Δ Jaccard [95% CI] |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in (r for r in rows if r["dataset"] == dataset):
-            lines.append(
-                f"| {row['fraction']:.0%} | {row['variant']} | {row['n']} | {row['accuracy_mean']:.4f} ± "
-                f"{row['accuracy_std']:.4f} | {interval(row)} | {row['entropy_mean']:.4f} | "
-                f"{interval(row, 'entropy_')} | {row['jaccard_mean']:.4f} | {interval(row, 'jaccard_')} |"
-            )
-        lines.append("")
+            std = "—" if row["accuracy_std"] is None else f"{row['accuracy_std']:.4f}"
+            cells = [
+                f"{row['fraction']:.0%}", row["variant"], str(row["n"]), f"{row['accuracy_mean']:.4f} ± {std}",
+                _interval(row["diff_vs_baseline"], row["ci95_low"], row["ci95_high"]), str(row["n_paired"] or "—"),
+                f"{row['entropy_mean']:.4f}",
+                _interval(row["entropy_diff_vs_baseline"], row["entropy_ci95_low"], row["entropy_ci95_high"]),
+                f"{row['jaccard_mean']:.4f}",
+                _interval(row["jaccard_diff_vs_baseline"], row["jaccard_ci95_low"], row["jaccard_ci95_high"]),
+            ]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+        prior = fixed_map_jaccard(dataset, grid_size)
+        lines += [
+            "",
+            f"For scale: one fixed map, how often each patch holds the object in the training images, scores "
+            f"a Jaccard of {prior:.4f} on these test images.",
+            "",
+        ]
+    lines += ["![accuracy and paired differences](evidence.png)", ""]
+
+    plateau = plateau_rows(runs, args)
     lines += [
-        "![accuracy and paired differences](evidence.png)",
+        "## Does the baseline plateau?",
         "",
-        "The baseline's validation accuracy over training (mean over seeds), to show that the epoch budget "
-        "lets it plateau at every fraction:",
+        f"The baseline's validation accuracy over training (mean over seeds; dashed: {2 * args.epochs} epochs):",
         "",
         "![validation curves](plateau.png)",
         "",
     ]
+    if plateau:
+        lines += [
+            f"The baseline at the smallest fraction, trained again with {2 * args.epochs} epochs (same seeds, "
+            "same schedule shape), against the budget; Δ = twice minus once, paired t interval:",
+            "",
+            f"| dataset | fraction | n | test accuracy, {args.epochs} epochs | {2 * args.epochs} epochs "
+            "| Δ [95% CI] |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in plateau:
+            difference = _interval(row["diff"], row["ci95_low"], row["ci95_high"])
+            lines.append(
+                f"| {row['dataset']} | {row['fraction']:.0%} | {row['n']} | {row['accuracy_budget']:.4f} "
+                f"| {row['accuracy_twice_the_epochs']:.4f} | {difference} |"
+            )
+        lines.append("")
 
     figure, axes = plt.subplots(2, len(datasets), figsize=(5.5 * len(datasets), 8), squeeze=False)
     for column, dataset in enumerate(datasets):
         cells = [r for r in rows if r["dataset"] == dataset]
+        fractions = sorted({r["fraction"] for r in cells})
         for variant in VARIANTS:
             mine = [r for r in cells if r["variant"] == variant]
             if not mine:
                 continue
-            fractions = [r["fraction"] for r in mine]
             axes[0, column].errorbar(
-                fractions, [r["accuracy_mean"] for r in mine], yerr=[r["accuracy_std"] for r in mine],
-                marker="o", capsize=3, label=variant,
+                [r["fraction"] for r in mine], [r["accuracy_mean"] for r in mine],
+                yerr=[r["accuracy_std"] or 0 for r in mine], marker="o", capsize=3, label=variant,
             )  # fmt: skip
-            if variant != "baseline" and all("diff_vs_baseline" in r for r in mine):
-                diffs = np.array([r["diff_vs_baseline"] for r in mine])
-                bounds = np.array([[r["ci95_low"], r["ci95_high"]] for r in mine]).T
+            paired = [r for r in mine if r["ci95_low"] is not None]
+            if paired:
+                diffs = np.array([r["diff_vs_baseline"] for r in paired])
+                bounds = np.array([[r["ci95_low"], r["ci95_high"]] for r in paired]).T
                 axes[1, column].errorbar(
-                    fractions, diffs, yerr=np.abs(bounds - diffs), marker="o", capsize=3, label=variant
-                )
+                    [r["fraction"] for r in paired], diffs, yerr=np.abs(bounds - diffs), marker="o", capsize=3,
+                    label=variant,
+                )  # fmt: skip
         axes[0, column].set_title(f"{dataset}: test accuracy (mean ± std)")
         axes[1, column].set_title(f"{dataset}: paired Δ accuracy vs baseline ({CONFIDENCE:.0%} CI)")
         axes[1, column].axhline(0, color="grey", linewidth=0.8)
         for axis in axes[:, column]:
             axis.set_xscale("log")
-            fractions = sorted({r["fraction"] for r in cells})
             axis.set_xticks(fractions, [f"{f:.0%}" for f in fractions])
             axis.set_xlabel("training fraction")
-            axis.legend()
+            if axis.get_legend_handles_labels()[0]:
+                axis.legend()
     figure.tight_layout()
     figure.savefig(os.path.join(args.output, "evidence.png"), dpi=100)
     plt.close(figure)
 
     figure, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
     for column, dataset in enumerate(datasets):
-        for fraction in sorted({r["fraction"] for r in runs if r["dataset"] == dataset}):
-            curves = [
-                r["validation_curve"] for r in runs
-                if (r["dataset"], r["fraction"], r["variant"]) == (dataset, fraction, "baseline")
-            ]  # fmt: skip
-            points = min(len(curve) for curve in curves) if curves else 0
-            if points:
-                mean = np.mean([[accuracy for _, accuracy in curve[:points]] for curve in curves], axis=0)
-                epochs = [epoch for epoch, _ in curves[0][:points]]
-                axes[0, column].plot(epochs, mean, marker="o", label=f"{fraction:.0%} of the data")
+        for fraction in sorted({r["fraction"] for r in budget if r["dataset"] == dataset}):
+            for epochs, style in ((args.epochs, "-"), (2 * args.epochs, "--")):
+                curves = [
+                    r["validation_curve"] for r in runs
+                    if (r["dataset"], r["fraction"], r["variant"], r["epochs"], r["batch_size"])
+                    == (dataset, fraction, "baseline", epochs, args.batch_size)
+                ]  # fmt: skip
+                points = min((len(curve) for curve in curves), default=0)
+                if points:
+                    mean = np.mean([[accuracy for _, accuracy in curve[:points]] for curve in curves], axis=0)
+                    label = f"{fraction:.0%} of the data" + (f", {epochs} epochs" if epochs != args.epochs else "")
+                    axes[0, column].plot(
+                        [epoch for epoch, _ in curves[0][:points]], mean, style, marker="o", label=label
+                    )
         axes[0, column].set_title(f"{dataset}: baseline validation accuracy")
         axes[0, column].set_xlabel("epoch")
         axes[0, column].legend()
@@ -376,7 +506,7 @@ def report(runs: list[dict], args, seconds: float) -> None:
     plt.close(figure)
 
     for dataset in datasets:
-        models_dir = os.path.join(args.output, "models", dataset)
+        models_dir = picture_models_dir(args, dataset)
         shown = [v for v in VARIANTS if os.path.isdir(os.path.join(models_dir, v))]
         if not shown:
             continue
@@ -399,9 +529,7 @@ def report(runs: list[dict], args, seconds: float) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    start = time.perf_counter()
-    runs = run_study(args)
-    report(runs, args, sum(r["train_seconds"] for r in runs) or time.perf_counter() - start)
+    report(run_study(args), args)
 
 
 if __name__ == "__main__":

@@ -80,14 +80,19 @@ def test_the_clutter_never_overlaps_the_mask_and_comes_from_other_digits_of_the_
         assert clutter and clutter <= {i + 1 for i in indices if i != index}
 
 
-def test_compose_canvas_refuses_nothing_and_keeps_pieces_clear_on_a_tight_canvas():
-    """The smallest canvas the loader admits (the digit, two fragments and a pixel) still places
-    every piece clear of the digit, wherever the digit lies."""
+def test_on_the_tightest_canvas_every_piece_lands_whole_and_clear_of_the_digit():
+    """The smallest canvas the loader admits (the digit, two fragments and a pixel): wherever the
+    digit lies, a single piece is placed whole (none of it under the digit, which is pasted last and
+    would hide it) and never touches the digit's box."""
     rng = np.random.default_rng(1)
     digit, piece = np.full((16, 16), 200, np.uint8), np.full((6, 6), 100, np.uint8)
-    for _ in range(200):
-        image, mask = compose_canvas(digit, [piece] * 6, 16 + 2 * 6 + 1, rng)
-        assert mask.sum() == 256 and (image[mask] == 200).all() and (image == 100).any()
+    for _ in range(300):
+        image, mask = compose_canvas(digit, [piece], 16 + 2 * 6 + 1, rng)
+        assert mask.sum() == 256 and (image[mask] == 200).all() and (image == 100).sum() == 36
+        rows, cols = np.nonzero(mask)
+        grown = np.zeros_like(mask)
+        grown[max(rows.min() - 1, 0) : rows.max() + 2, max(cols.min() - 1, 0) : cols.max() + 2] = True
+        assert not image[grown & ~mask].any()
 
 
 def test_bad_geometry_is_refused_with_the_reason():
