@@ -57,6 +57,7 @@ VARIANTS = {
     "sar-0.01": ["--sar_weight", "0.01"],  # the paper's λ
     "sar-0.1": ["--sar_weight", "0.1"],
 }
+COLOURS = {"baseline": "C0", "sar-0.01": "C1", "sar-0.1": "C2"}  # the same colour for a variant in every panel
 DATASETS = ("digits", "cluttered-digits")
 MASS_KEPT = 0.6
 CONFIDENCE = 0.95
@@ -460,6 +461,7 @@ def report(runs: list[dict], args) -> None:
             axes[0, column].errorbar(
                 [r["fraction"] for r in mine], [r["accuracy_mean"] for r in mine],
                 yerr=[r["accuracy_std"] or 0 for r in mine], marker="o", capsize=3, label=variant,
+                color=COLOURS[variant],
             )  # fmt: skip
             paired = [r for r in mine if r["ci95_low"] is not None]
             if paired:
@@ -467,7 +469,7 @@ def report(runs: list[dict], args) -> None:
                 bounds = np.array([[r["ci95_low"], r["ci95_high"]] for r in paired]).T
                 axes[1, column].errorbar(
                     [r["fraction"] for r in paired], diffs, yerr=np.abs(bounds - diffs), marker="o", capsize=3,
-                    label=variant,
+                    label=variant, color=COLOURS[variant],
                 )  # fmt: skip
         axes[0, column].set_title(f"{dataset}: test accuracy (mean ± std)")
         axes[1, column].set_title(f"{dataset}: paired Δ accuracy vs baseline ({CONFIDENCE:.0%} CI)")
@@ -475,6 +477,7 @@ def report(runs: list[dict], args) -> None:
         for axis in axes[:, column]:
             axis.set_xscale("log")
             axis.set_xticks(fractions, [f"{f:.0%}" for f in fractions])
+            axis.minorticks_off()
             axis.set_xlabel("training fraction")
             if axis.get_legend_handles_labels()[0]:
                 axis.legend()
