@@ -1009,9 +1009,6 @@ def main(args: list[str] | None = None) -> dict:
         for name in ("eval", "test"):
             if f"{name}_accuracy" in results:
                 print(f"final {name} accuracy: {results[f'{name}_accuracy']:.4f}", flush=True)
-    # Destroys the process group under `accelerate launch`: a gloo group left to interpreter exit can abort
-    # a rank ("terminate called without an active exception") after the work is done.
-    trainer.accelerator.end_training()
     return results
 
 
