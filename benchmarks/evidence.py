@@ -168,11 +168,11 @@ def attention_jaccard(scores: torch.Tensor, ink: torch.Tensor) -> torch.Tensor:
     return (keep & ink).sum(-1) / union
 
 
-def fixed_map_jaccard(dataset: str, grid_size: tuple[int, int]) -> float:
-    """The mean Jaccard of one fixed map on every test image: how often each patch holds the object
-    in the training images, used as the map of every image. A model's attention that had learnt only
-    where objects usually lie, and nothing of the image, would score this."""
-    data = run_sar.BUNDLED_DATASETS[dataset][1]()
+def fixed_map_jaccard(data, grid_size: tuple[int, int]) -> float:
+    """The mean Jaccard of one fixed map on every test image of `data` (a bundled `DatasetDict`): how
+    often each patch holds the object in the training images, used as the map of every image. A
+    model's attention that had learnt only where objects usually lie, and nothing of the image,
+    would score this."""
     frequency = object_patches(object_masks(data["train"]), grid_size).float().mean(0)
     test = object_patches(object_masks(data["test"]), grid_size)
     scores = frequency.clamp_min(1e-6).log().expand(len(test), 1, -1)
@@ -371,6 +371,7 @@ def report(runs: list[dict], args) -> None:
     seeds = sorted({r["seed"] for r in budget})
     preset = run_sar.MODEL_PRESETS["small"]
     grid_size = (preset["image_size"] // preset["patch_size"],) * 2
+    data = {dataset: run_sar.BUNDLED_DATASETS[dataset][1]() for dataset in datasets}  # built once for the report
 
     lines = [
         "# Evidence: plain ViT against SAR on the digits and the cluttered digits",
@@ -415,7 +416,7 @@ def report(runs: list[dict], args) -> None:
                 _interval(row["jaccard_diff_vs_baseline"], row["jaccard_ci95_low"], row["jaccard_ci95_high"]),
             ]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
-        prior = fixed_map_jaccard(dataset, grid_size)
+        prior = fixed_map_jaccard(data[dataset], grid_size)
         lines += [
             "",
             f"For scale: one fixed map, how often each patch holds the object in the training images, scores "
@@ -515,8 +516,7 @@ def report(runs: list[dict], args) -> None:
             continue
         models = {v: sar_hf.SARViTForImageClassification.from_pretrained(os.path.join(models_dir, v)) for v in shown}
         processor = load_image_processor(os.path.join(models_dir, shown[0]))
-        test = run_sar.BUNDLED_DATASETS[dataset][1]()["test"]
-        images = [test[i]["image"] for i in range(3)]
+        images = [data[dataset]["test"][i]["image"] for i in range(3)]
         name = f"attention_maps_{dataset}.png"
         save_attention_figure(models, images, processor, os.path.join(args.output, name))
         lines += [
