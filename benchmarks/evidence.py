@@ -220,24 +220,27 @@ def claim(output: str, key: tuple) -> bool:
 
 
 def planned_runs(args) -> list[dict]:
-    """The study's runs, in order: every (dataset, fraction, seed, variant) at the budget, then the
-    plateau check: the baseline at the smallest fraction with twice the epochs, for every seed."""
+    """The study's runs, in order. With the plateau check, first the baseline at the smallest fraction
+    with the budget and with twice its epochs, for every dataset and seed: they say whether the
+    budget suffices before the rest is spent. Then every (fraction, dataset, seed, variant) left."""
     budget = {"epochs": args.epochs, "batch_size": args.batch_size}
     plan = [
         {"dataset": dataset, "fraction": fraction, "seed": seed, "variant": variant, **budget}
-        for dataset in args.datasets
         for fraction in args.fractions
+        for dataset in args.datasets
         for seed in args.seeds
         for variant in args.variants
     ]
-    if args.plateau_check:
-        plan += [
-            {"dataset": dataset, "fraction": min(args.fractions), "seed": seed, "variant": "baseline",
-             "epochs": 2 * args.epochs, "batch_size": args.batch_size}
-            for dataset in args.datasets
-            for seed in args.seeds
-        ]  # fmt: skip
-    return plan
+    if not args.plateau_check:
+        return plan
+    check = [
+        {"dataset": dataset, "fraction": min(args.fractions), "seed": seed, "variant": "baseline",
+         "epochs": epochs, "batch_size": args.batch_size}
+        for dataset in args.datasets
+        for seed in args.seeds
+        for epochs in (args.epochs, 2 * args.epochs)
+    ]  # fmt: skip
+    return check + [run for run in plan if run not in check]
 
 
 def picture_models_dir(args, dataset: str) -> str:
