@@ -8,6 +8,8 @@ and distillation tokens are randomised so that a capture that left them out woul
 """
 
 import copy
+import re
+import sys
 
 import pytest
 import torch
@@ -42,6 +44,7 @@ from transformers import (
     ViTMSNConfig,
     ViTMSNForImageClassification,
 )
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from sar_hf import CLSScoreCapture, SARViTConfig, SARViTForImageClassification, SpatialEntropyLoss
 
@@ -197,8 +200,20 @@ def test_every_layer_keeps_sdpa_and_the_loss_trains_the_regularised_layer(name, 
     ids=["swin", "convnext", "ijepa", "siglip", "vit-mae", "data2vec-vision"],
 )
 def test_unsupported_models_are_refused_with_the_reason(build_refused, reason):
-    with pytest.raises(ValueError, match=reason):
-        SpatialEntropyLoss(build_refused())
+    model = build_refused()
+    with pytest.raises(ValueError, match=rf"^{type(model).__name__}\b.*{reason}"):  # the class, then why
+        SpatialEntropyLoss(model)
+
+
+def test_a_model_whose_parameters_sit_at_the_top_level_is_refused_the_same_way():
+    class Pooling(torch.nn.Module):  # attention settings, no [CLS] token, a parameter name without a dot
+        def __init__(self):
+            super().__init__()
+            self.config = ViTConfig(**VISION)
+            self.scale = torch.nn.Parameter(torch.ones(1))
+
+    with pytest.raises(ValueError, match=r"^Pooling has no \[CLS\] token"):
+        CLSScoreCapture(Pooling())
 
 
 def test_layer_out_of_range_and_a_second_capture_are_value_errors():
@@ -265,6 +280,21 @@ def test_lora_adapters_are_in_the_scores_and_get_the_gradient():
         assert projection.lora_A["default"].weight.grad.abs().sum() > 0
         assert projection.lora_B["default"].weight.grad.abs().sum() > 0
     assert base.vit.layers[-1].attention.q_proj.base_layer.weight.grad is None  # frozen by PEFT
+
+
+def test_a_capture_of_a_peft_model_sits_on_its_base_model():
+    # So it keeps working when the base model is called by itself, as after `merge_and_unload()`.
+    peft = pytest.importorskip("peft")
+    base = build("deit")
+    capture = CLSScoreCapture(peft.get_peft_model(base, peft.LoraConfig(target_modules=["q_proj"])))
+    pixel_values = pixels()
+    with torch.no_grad():
+        base(pixel_values, interpolate_pos_encoding=True)
+    scores, grid_size, _ = capture.pop()
+    assert grid_size == (4, 6)
+    assert_equal_up_to_row_constants(
+        scores, eager_cls_log_probs(eager_twin(base), pixel_values, -1, 24, interpolate_pos_encoding=True)
+    )
 
 
 # -- gradient checkpointing and torch.compile ---------------------------------------------------------
@@ -417,12 +447,61 @@ def test_the_wrapped_kernel_hands_over_a_mask_given_by_keyword():
     assert kernel(torch.nn.Module(), None, None, None, mask) == "out" and len(seen) == 2  # unmarked module
 
 
-@pytest.mark.parametrize("shape", [(3, 16, 24), (1, 3, 1, 16, 24)])
+@pytest.mark.parametrize("shape", [(3, 16, 24), (1, 3, 1, 16, 24), None])
 def test_pixel_values_that_are_not_a_batch_of_images_are_a_value_error(shape):
     model = build("deit")
     CLSScoreCapture(model)
-    with pytest.raises(ValueError, match=r"\[batch, channels, height, width\]"):
-        model(torch.randn(*shape), interpolate_pos_encoding=True)
+    # The message names the shape it got (None for no tensor at all).
+    message = f"[batch, channels, height, width] to find the patch grid, got {shape}."
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model(None if shape is None else torch.randn(*shape), interpolate_pos_encoding=True)
+
+
+def test_a_patch_size_given_as_a_pair_sets_the_grid():
+    # Non-square patches on non-square images: 16x24 pixels in 2x4 patches are an 8x6 grid.
+    config = ViTConfig(**{**VISION, "image_size": (16, 24), "patch_size": (2, 4)}, num_labels=3)
+    model = ViTForImageClassification(config).eval()
+    capture = CLSScoreCapture(model)
+    pixel_values = pixels()
+    with torch.no_grad():
+        model(pixel_values)
+    scores, grid_size, _ = capture.pop()
+    assert grid_size == (8, 6)
+    assert_equal_up_to_row_constants(scores, eager_cls_log_probs(eager_twin(model), pixel_values, -1, 48))
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_the_kernel_is_wrapped_once_however_many_passes(implementation):
+    model = build("deit")
+    model.set_attn_implementation(implementation)
+    capture = CLSScoreCapture(model)
+    with torch.no_grad():
+        for _ in range(3):
+            model(pixels(), interpolate_pos_encoding=True)
+    if implementation == "eager":  # the modeling file's own function, which the registry falls back to
+        kernel = sys.modules[type(capture.module).__module__].eager_attention_forward
+    else:
+        kernel = ALL_ATTENTION_FUNCTIONS[implementation]
+    assert hasattr(kernel, "sar_wraps") and not hasattr(kernel.sar_wraps, "sar_wraps")
+
+
+def test_a_failed_forward_pass_stops_recording():
+    # The pass ends even when it raises: a later call of the layer outside a forward pass (as a
+    # gradient-checkpointing replay is) must not replace the scores that the pass recorded.
+    model = build("deit")
+    capture = CLSScoreCapture(model)
+    pixel_values = pixels()
+    handle = model.classifier.register_forward_hook(lambda *args: 1 / 0)
+    with torch.no_grad(), pytest.raises(ZeroDivisionError):
+        model(pixel_values, interpolate_pos_encoding=True)
+    handle.remove()
+    assert capture.pending
+    with torch.no_grad():
+        capture.module(torch.randn(BATCH, 10, VISION["hidden_size"]))
+    scores, _, _ = capture.pop()
+    assert_equal_up_to_row_constants(
+        scores, eager_cls_log_probs(eager_twin(model), pixel_values, -1, 24, interpolate_pos_encoding=True)
+    )
 
 
 @pytest.mark.parametrize(("height", "width"), [(18, 24), (16, 22)])

@@ -12,10 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from sar_hf import components, connected_components
+from sar_hf import components, connected_components, spatial_entropy
 
 ALGORITHMS = ("scipy", "propagation")
 CONNECTIVITIES = (4, 8)
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 def reference_labels(mask: np.ndarray, connectivity: int) -> np.ndarray:
@@ -76,12 +77,28 @@ def test_labels_in_raster_order_of_first_pixel(algorithm):
         assert first_seen == list(range(1, len(first_seen) + 1))
 
 
-def test_algorithms_agree_exactly_and_auto_is_scipy_on_cpu():
+def test_algorithms_agree_exactly():
     mask = torch.from_numpy(random_mask(np.random.default_rng(1), (4, 6, 14, 14), 0.5))
     for connectivity in CONNECTIVITIES:
         scipy_labels = connected_components(mask, connectivity, algorithm="scipy")
         assert torch.equal(connected_components(mask, connectivity, algorithm="propagation"), scipy_labels)
         assert torch.equal(connected_components(mask, connectivity), scipy_labels)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_is_scipy_on_a_cpu_and_propagation_elsewhere(monkeypatch, device):
+    # Both algorithms give the same labels, so only the calls show the choice: on a CPU scipy's one
+    # pass is the fast one; on a GPU propagation never synchronises. The same for
+    # `connected_components` and `spatial_entropy`.
+    calls = []
+    for name in ("_label_scipy", "_label_propagation"):
+        original = getattr(components, name)
+        monkeypatch.setattr(
+            components, name, lambda maps, c, _name=name, _run=original: calls.append(_name) or _run(maps, c)
+        )
+    connected_components(torch.rand(2, 5, 5, device=device) > 0.5)
+    spatial_entropy(torch.randn(2, 3, 25, device=device), (5, 5))
+    assert calls == 2 * ["_label_scipy" if device == "cpu" else "_label_propagation"]
 
 
 # -- adversarial masks -------------------------------------------------------------------------
@@ -347,14 +364,29 @@ def test_property_eight_connectivity_coarsens_four(mask):
 # -- contract ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("algorithm", ("auto", *ALGORITHMS))
-def test_shape_dtype_device_preserved(algorithm):
+def test_shape_dtype_device_preserved(algorithm, device):
     for shape in [(3, 4, 5, 6), (7, 5, 6), (5, 6), (0, 5, 6), (2, 0, 4, 4), (3, 0, 5), (0, 5), (2, 5, 0)]:
-        mask = torch.rand(shape) > 0.5
+        mask = torch.rand(shape, device=device) > 0.5
         labels, counts = connected_components(mask, algorithm=algorithm, return_counts=True)
         assert labels.shape == mask.shape and counts.shape == mask.shape[:-2]
         assert labels.dtype == counts.dtype == torch.int64
         assert labels.device == counts.device == mask.device
+
+
+@pytest.mark.parametrize("connectivity", CONNECTIVITIES)
+def test_propagation_makes_every_tensor_on_the_maps_device(connectivity):
+    # On the meta device a tensor made anywhere else (a host index, a host constant) raises, so a
+    # CPU run checks what a GPU run needs: no tensor of the propagation is left on the host.
+    labels, counts = components._label_propagation(torch.ones(3, 5, 7, dtype=torch.bool, device="meta"), connectivity)
+    assert labels.device.type == counts.device.type == "meta"
+    assert labels.shape == (3, 5, 7) and counts.shape == (3,)
+
+
+def test_propagation_rounds_is_floor_log2():
+    for n in range(1, 5000):
+        assert components.propagation_rounds(n) == max(k for k in range(16) if 2**k <= n), n
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
