@@ -85,6 +85,15 @@ def test_algorithms_agree_exactly():
         assert torch.equal(connected_components(mask, connectivity), scipy_labels)
 
 
+def test_auto_asks_the_operator_for_propagation_off_the_cpu(monkeypatch):
+    # The meta device stands in for a GPU: the operator only records which algorithm it was asked for.
+    asked = []
+    monkeypatch.setattr(torch.ops.sar_hf, "connected_components", lambda maps, c, algorithm: asked.append(algorithm))
+    for device in ("meta", "cpu"):
+        components.label_maps(torch.ones(1, 2, 2, dtype=torch.bool, device=device), 8)
+    assert asked == ["propagation", "scipy"]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_auto_is_scipy_on_a_cpu_and_propagation_elsewhere(monkeypatch, device):
     # Both algorithms give the same labels, so only the calls show the choice: on a CPU scipy's one

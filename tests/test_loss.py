@@ -239,6 +239,14 @@ def test_labels_follow_the_logits_to_their_device():
     assert loss.item() == pytest.approx(nll.mean().item() + WEIGHT * entropy, abs=1e-4)
 
 
+def test_labels_follow_the_logits_to_any_device():
+    # The meta device stands in for a GPU: host labels reach the cross-entropy on the logits' device,
+    # and the call goes on to the capture, which has nothing for these made-up outputs.
+    loss_fn = SpatialEntropyLoss(deit(), sar_weight=WEIGHT)
+    with pytest.raises(RuntimeError, match=r"No \[CLS\] scores were captured"):
+        loss_fn({"logits": torch.randn(3, 4, device="meta")}, torch.tensor([0, 1, 2]))
+
+
 def test_a_peft_model_gets_the_loss_on_its_base_model():
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(deit(), peft.LoraConfig(target_modules=["q_proj", "k_proj"]))
