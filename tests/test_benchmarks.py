@@ -67,6 +67,18 @@ SUMMARY_KEYS = (
 )
 
 
+def test_evidence_plan_runs_the_plateau_check_first_and_each_run_once():
+    key = evidence.run_key
+    study = ["--seeds", "0", "1", "--fractions", "0.5", "0.1", "--epochs", "3"]
+    plan = evidence.planned_runs(evidence.parse_args(study))
+    assert len({key(run) for run in plan}) == len(plan) == 2 * 2 * 2 * 3 + 2 * 2  # + the doubled baselines
+    first = [(run["fraction"], run["variant"], run["epochs"]) for run in plan[:8]]
+    assert all(fraction == 0.1 and variant == "baseline" for fraction, variant, _ in first)
+    assert sorted(epochs for *_, epochs in first) == [3] * 4 + [6] * 4
+    without = evidence.planned_runs(evidence.parse_args([*study, "--no-plateau_check"]))
+    assert {key(run) for run in without} == {key(run) for run in plan if run["epochs"] == 3}
+
+
 @pytest.mark.slow
 def test_evidence_study_writes_the_summary_and_resumes(tmp_path):
     out = tmp_path / "evidence"

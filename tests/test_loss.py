@@ -239,12 +239,20 @@ def test_labels_follow_the_logits_to_their_device():
     assert loss.item() == pytest.approx(nll.mean().item() + WEIGHT * entropy, abs=1e-4)
 
 
-def test_labels_follow_the_logits_to_any_device():
-    # The meta device stands in for a GPU: host labels reach the cross-entropy on the logits' device,
-    # and the call goes on to the capture, which has nothing for these made-up outputs.
+def test_labels_follow_the_logits_to_any_device(monkeypatch):
+    # The meta device stands in for a GPU: host labels must reach the cross-entropy on the logits' device.
+    devices = []
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def recording(logits, labels, **kwargs):
+        devices.append(labels.device.type)
+        return cross_entropy(logits, labels, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", recording)
     loss_fn = SpatialEntropyLoss(deit(), sar_weight=WEIGHT)
-    with pytest.raises(RuntimeError, match=r"No \[CLS\] scores were captured"):
+    with pytest.raises(RuntimeError, match=r"No \[CLS\] scores were captured"):  # made-up outputs
         loss_fn({"logits": torch.randn(3, 4, device="meta")}, torch.tensor([0, 1, 2]))
+    assert devices == ["meta"]
 
 
 def test_a_peft_model_gets_the_loss_on_its_base_model():
