@@ -116,6 +116,7 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 import transformers
 from accelerate.utils import DistributedType
 from transformers import (
@@ -1012,5 +1013,19 @@ def main(args: list[str] | None = None) -> dict:
     return results
 
 
+def end_distributed():
+    """Destroys the process group of a distributed run once every rank is done, as PyTorch asks.
+
+    A gloo group left for the interpreter's exit aborts a rank now and then (SIGABRT, "terminate
+    called without an active exception") after all its work, and the launcher then kills the
+    others. It runs after `main` has returned, so that the trainer and its DDP wrapper are gone
+    first.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank tears the group down while another still uses it
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
     main()
+    end_distributed()

@@ -626,6 +626,20 @@ def test_checkpoint_with_other_labels_needs_ignore_mismatched_sizes(tmp_path):
     assert model.classifier.out_features == 10 and np.isfinite(results["eval_accuracy"])
 
 
+def test_the_process_group_is_destroyed_at_the_end(tmp_path):
+    import torch.distributed as dist
+
+    run_sar.end_distributed()  # no group: nothing to do
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        run_sar.end_distributed()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_two_processes(tmp_path):
     """Two real processes (DDP over gloo) through the repository's Accelerate config."""
