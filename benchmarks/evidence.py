@@ -326,19 +326,21 @@ def summarize(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def baseline_runs(runs: list[dict], dataset: str, fraction: float, epochs: int, args) -> list[dict]:
+    """The baseline's runs of `dataset` at `fraction`, trained for `epochs` at the study's batch size."""
+    key = (dataset, fraction, "baseline", epochs, args.batch_size)
+    return [r for r in runs if (r["dataset"], r["fraction"], r["variant"], r["epochs"], r["batch_size"]) == key]
+
+
 def plateau_rows(runs: list[dict], args) -> list[dict]:
     """Per dataset: the baseline at the smallest fraction after the budget and after twice the
     epochs, over the seeds that have both, and the paired difference (twice minus once)."""
     rows = []
     for dataset in args.datasets:
         once, twice = (
-            {
-                r["seed"]: r["test_accuracy"] for r in runs
-                if (r["dataset"], r["fraction"], r["variant"], r["epochs"], r["batch_size"])
-                == (dataset, min(args.fractions), "baseline", epochs, args.batch_size)
-            }
+            {r["seed"]: r["test_accuracy"] for r in baseline_runs(runs, dataset, min(args.fractions), epochs, args)}
             for epochs in (args.epochs, 2 * args.epochs)
-        )  # fmt: skip
+        )
         seeds = sorted(set(once) & set(twice))
         if seeds:
             mean, low, high = map(_finite, paired_interval([twice[s] for s in seeds], [once[s] for s in seeds]))
@@ -498,11 +500,7 @@ def report(runs: list[dict], args) -> None:
     for column, dataset in enumerate(datasets):
         for fraction in sorted({r["fraction"] for r in budget if r["dataset"] == dataset}):
             for epochs, style in ((args.epochs, "-"), (2 * args.epochs, "--")):
-                curves = [
-                    r["validation_curve"] for r in runs
-                    if (r["dataset"], r["fraction"], r["variant"], r["epochs"], r["batch_size"])
-                    == (dataset, fraction, "baseline", epochs, args.batch_size)
-                ]  # fmt: skip
+                curves = [r["validation_curve"] for r in baseline_runs(runs, dataset, fraction, epochs, args)]
                 points = min((len(curve) for curve in curves), default=0)
                 if points:
                     mean = np.mean([[accuracy for _, accuracy in curve[:points]] for curve in curves], axis=0)
