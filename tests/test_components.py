@@ -287,6 +287,64 @@ def test_every_round_at_least_halves_the_trees_of_each_component(rounds, connect
     assert max(first_trees) > 1  # the lemma was put to work
 
 
+def slow_comb(levels: int, chain: int) -> np.ndarray:
+    """A 4-connected mask whose trees merge as slowly as hooking allows, then end in a chain.
+
+    After the first round every tree is a tooth: a column from the row of its level down to the
+    bottom row, which joins each tooth to the next. A tooth's root is its top pixel, so roots
+    compare as (row, column). Along the bottom row the trees form a path whose roots are built
+    from the last round backwards:
+
+    * the last round: `chain` roots increasing to the right, which it hooks into one chain of
+      `chain` trees;
+    * each round before it (`levels` of them): a larger root between every two neighbours, which
+      hooks onto the smaller of them, and another in front of every root that neither neighbour
+      would hook onto. The round merges them back into the sequence of the round after it.
+
+    The trees thus shrink by a factor of about 1 + √2 per round. Snakes, spirals and random masks
+    shrink by a factor of 3 or more. A gap column before every rise keeps a tooth's top from
+    touching the tooth on its left. One isolated pixel in row 0, between the chain's first two
+    teeth, takes the number that a pixel left pointing at a former root would read.
+    """
+    roots = [(0, i) for i in range(chain)]  # (row, rank in the row): the raster order of the tops
+    for level in range(1, levels + 1):
+        grown = []
+        for i, root in enumerate(roots):
+            if all(other < root for other in roots[max(i - 1, 0) : i + 2] if other != root):
+                grown.append((level, len(grown)))  # hooks onto `root`, which nobody else would
+            grown.append(root)
+            if i + 1 < len(roots):
+                grown.append((level, len(grown)))  # hooks onto the smaller of its two neighbours
+        roots = grown
+    rises = [0] + [int(b > a) for a, b in zip(roots, roots[1:], strict=False)]
+    columns = np.cumsum(np.add(rises, 1)) - 1
+    mask = np.zeros((levels + 2, columns[-1] + 1), dtype=bool)
+    for (row, _), column in zip(roots, columns, strict=True):
+        mask[row:, column] = True
+    mask[-1] = True
+    first, second = columns[[i for i, (row, _) in enumerate(roots) if row == 0][:2]]
+    mask[0, first + 2 + np.flatnonzero(~mask[1, first + 2 : second - 1])[0]] = True
+    return mask
+
+
+def test_trees_that_merge_slowest_still_end_as_stars(rounds):
+    # The jumps of each round come from the bound "trees at least halve per round". Every mask
+    # above merges at least threefold per round, so a schedule built on a factor of 3 passes them
+    # all; this comb merges by about 1 + √2, and with a factor-3 schedule its last chain is left
+    # unfinished.
+    mask = slow_comb(levels=8, chain=3)
+    labels = connected_components(torch.from_numpy(mask), 4, algorithm="propagation")
+    assert_same_partition(labels, mask, 4)
+    fg = torch.from_numpy(mask).reshape(-1)
+    trees = []
+    for parent in (p[0] for p in rounds):
+        assert torch.equal(parent[parent], parent)  # each round starts with stars
+        trees.append(int((fg & (parent == torch.arange(fg.numel()))).sum()))
+    # The comb's design at work: the second round starts with 2.4 times as many trees as the third,
+    # and the last chain of three trees (with the lone pixel, four) is hooked in round 10 of 15.
+    assert trees[1] > 2.3 * trees[2] and trees[9:] == [4] + [2] * (len(trees) - 10)
+
+
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero")
 HOST_FUNCTIONS = ("equal", "tensor", "as_tensor")
 
@@ -389,6 +447,24 @@ def test_propagation_makes_every_tensor_on_the_maps_device(connectivity):
     # On the meta device a tensor made anywhere else (a host index, a host constant) raises, so a
     # CPU run checks what a GPU run needs: no tensor of the propagation is left on the host.
     labels, counts = components._label_propagation(torch.ones(3, 5, 7, dtype=torch.bool, device="meta"), connectivity)
+    assert labels.device.type == counts.device.type == "meta"
+    assert labels.shape == (3, 5, 7) and counts.shape == (3,)
+
+
+class _ElsewhereTensor(torch.Tensor):
+    """A CPU tensor that reports the meta device: its values stay readable on the host."""
+
+    @property
+    def device(self):
+        return torch.device("meta")
+
+
+def test_scipy_sends_labels_and_counts_back_to_the_maps_device():
+    # scipy labels a host copy, so both results must be moved back to the maps' device. A GPU run
+    # sees this in the test above; without a GPU, maps that claim another device stand in (a meta
+    # tensor cannot: scipy reads the values).
+    maps = torch.Tensor._make_subclass(_ElsewhereTensor, torch.rand(3, 5, 7) > 0.5)
+    labels, counts = components._label_scipy(maps, 8)
     assert labels.device.type == counts.device.type == "meta"
     assert labels.shape == (3, 5, 7) and counts.shape == (3,)
 
