@@ -161,9 +161,9 @@ def _label_propagation(maps: torch.Tensor, connectivity: int) -> tuple[torch.Ten
     (each doubling the distance covered) shorten to one. The rounds and jumps are therefore fixed
     by `n` alone, the result is exact for every mask (snakes and spirals included), and no
     convergence test is needed: the host never reads the maps. `tests/test_components.py` runs
-    the worst masks at this bound. Snakes, spirals and random masks merge their trees threefold or
-    more per round, but halving is the bound to plan for: the tests' `slow_comb` merges by about
-    1 + √2 per round, and a schedule of jumps for threefold merging labels it wrong.
+    the worst masks at this bound. Snakes, spirals and random masks keep within `n // 3**k` trees
+    after round k, but halving is the bound to plan for: the tests' `slow_comb` merges by about
+    1 + √2 per round, and a schedule of jumps planned for a factor of 3 labels it wrong.
     """
     m, gh, gw = maps.shape
     n = gh * gw

@@ -288,24 +288,26 @@ def test_every_round_at_least_halves_the_trees_of_each_component(rounds, connect
 
 
 def slow_comb(levels: int, chain: int) -> np.ndarray:
-    """A 4-connected mask whose trees merge as slowly as hooking allows, then end in a chain.
+    """A 4-connected mask whose trees merge slowly, by about 1 + √2 per round, then end in a chain.
 
     After the first round every tree is a tooth: a column from the row of its level down to the
-    bottom row, which joins each tooth to the next. A tooth's root is its top pixel, so roots
-    compare as (row, column). Along the bottom row the trees form a path whose roots are built
-    from the last round backwards:
+    bottom row, with the bottom pixels of the gap columns to its right; the bottom row joins each
+    tooth to the next. A tooth's root is its top pixel, so roots compare as (row, column). Along
+    the bottom row the trees form a path whose roots are built from the last round backwards:
 
     * the last round: `chain` roots increasing to the right, which it hooks into one chain of
       `chain` trees;
-    * each round before it (`levels` of them): a larger root between every two neighbours, which
-      hooks onto the smaller of them, and another in front of every root that neither neighbour
-      would hook onto. The round merges them back into the sequence of the round after it.
+    * each round before it (`levels` of them, at least 2): a larger root between every two
+      neighbours, which hooks onto the smaller of them, and another in front of every root that is
+      larger than its neighbours (nobody else would hook onto it). The round merges them back into
+      the sequence of the round after it.
 
-    The trees thus shrink by a factor of about 1 + √2 per round. Snakes, spirals and random masks
-    shrink by a factor of 3 or more. A gap column before every rise keeps a tooth's top from
-    touching the tooth on its left. One isolated pixel in row 0, between the chain's first two
-    teeth, takes the number that a pixel left pointing at a former root would read.
+    The halving lemma allows a factor of 2 per round; the snakes, spirals and random masks above
+    keep within `n // 3**k` trees after round k. A gap column before every rise keeps a tooth's top
+    from hooking onto the tooth on its left. One isolated pixel in row 0, between the chain's first
+    two teeth, takes the number that a pixel left pointing at a former root would read.
     """
+    assert levels >= 2, "the lone pixel needs a level-1 row with gaps under it"
     roots = [(0, i) for i in range(chain)]  # (row, rank in the row): the raster order of the tops
     for level in range(1, levels + 1):
         grown = []
@@ -323,13 +325,14 @@ def slow_comb(levels: int, chain: int) -> np.ndarray:
         mask[row:, column] = True
     mask[-1] = True
     first, second = columns[[i for i, (row, _) in enumerate(roots) if row == 0][:2]]
+    # The lone pixel: the first column past `first + 1` with background below it, so that it touches nothing.
     mask[0, first + 2 + np.flatnonzero(~mask[1, first + 2 : second - 1])[0]] = True
     return mask
 
 
 def test_trees_that_merge_slowest_still_end_as_stars(rounds):
-    # The jumps of each round come from the bound "trees at least halve per round". Every mask
-    # above merges at least threefold per round, so a schedule built on a factor of 3 passes them
+    # The jumps of each round come from the bound "trees at least halve per round". The masks above
+    # keep within `n // 3**k` trees after round k, so a schedule built on a factor of 3 passes them
     # all; this comb merges by about 1 + √2, and with a factor-3 schedule its last chain is left
     # unfinished.
     mask = slow_comb(levels=8, chain=3)
@@ -342,7 +345,7 @@ def test_trees_that_merge_slowest_still_end_as_stars(rounds):
         trees.append(int((fg & (parent == torch.arange(fg.numel()))).sum()))
     # The comb's design at work: the second round starts with 2.4 times as many trees as the third,
     # and the last chain of three trees (with the lone pixel, four) is hooked in round 10 of 15.
-    assert trees[1] > 2.3 * trees[2] and trees[9:] == [4] + [2] * (len(trees) - 10)
+    assert len(trees) == 15 and trees[1] > 2.3 * trees[2] and trees[9:] == [4] + [2] * 5
 
 
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero")
@@ -452,7 +455,13 @@ def test_propagation_makes_every_tensor_on_the_maps_device(connectivity):
 
 
 class _ElsewhereTensor(torch.Tensor):
-    """A CPU tensor that reports the meta device: its values stay readable on the host."""
+    """A CPU tensor that reports the meta device: its values stay readable on the host.
+
+    Torch functions on it return plain tensors, so only the maps themselves claim the other device:
+    a result made from them without `.to(maps.device)` reports the CPU.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
 
     @property
     def device(self):
@@ -460,9 +469,9 @@ class _ElsewhereTensor(torch.Tensor):
 
 
 def test_scipy_sends_labels_and_counts_back_to_the_maps_device():
-    # scipy labels a host copy, so both results must be moved back to the maps' device. A GPU run
-    # sees this in the test above; without a GPU, maps that claim another device stand in (a meta
-    # tensor cannot: scipy reads the values).
+    # scipy labels a host copy, so both results must be moved back to the maps' device. On a GPU,
+    # `test_shape_dtype_device_preserved[scipy-cuda]` sees this; without one, maps that claim
+    # another device stand in (a meta tensor cannot: scipy reads the values).
     maps = torch.Tensor._make_subclass(_ElsewhereTensor, torch.rand(3, 5, 7) > 0.5)
     labels, counts = components._label_scipy(maps, 8)
     assert labels.device.type == counts.device.type == "meta"
