@@ -339,10 +339,11 @@ def test_trees_that_merge_slowest_still_end_as_stars(rounds):
     labels = connected_components(torch.from_numpy(mask), 4, algorithm="propagation")
     assert_same_partition(labels, mask, 4)
     fg = torch.from_numpy(mask).reshape(-1)
+    local = torch.arange(fg.numel())
     trees = []
     for parent in (p[0] for p in rounds):
         assert torch.equal(parent[parent], parent)  # each round starts with stars
-        trees.append(int((fg & (parent == torch.arange(fg.numel()))).sum()))
+        trees.append(int((fg & (parent == local)).sum()))
     # The comb's design at work: the second round starts with 2.4 times as many trees as the third,
     # and the last chain of three trees (with the lone pixel, four) is hooked in round 10 of 15.
     assert len(trees) == 15 and trees[1] > 2.3 * trees[2] and trees[9:] == [4] + [2] * 5
