@@ -784,7 +784,8 @@ def resolve_checkpoint(model_args: ModelArguments, training_args: TrainingArgume
 def steps_per_epoch(training_args: TrainingArguments, train_size: int) -> int:
     """Optimizer steps in one epoch over `train_size` images (at least 1), as Trainer counts them."""
     batches = math.ceil(train_size / (training_args.per_device_train_batch_size * training_args.world_size))
-    return max(batches // training_args.gradient_accumulation_steps, 1)
+    # A last step of fewer than `gradient_accumulation_steps` batches is still a step.
+    return max(math.ceil(batches / training_args.gradient_accumulation_steps), 1)
 
 
 def precision_in_use(accelerator) -> str:

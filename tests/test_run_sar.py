@@ -260,6 +260,26 @@ def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(tmp_path):
     assert any(not torch.allclose(without[name], value, atol=1e-5) for name, value in big.items())
 
 
+@pytest.mark.parametrize("images, batch_size, accumulation", [(1221, 16, 4), (64, 16, 3), (10, 4, 1)])
+def test_steps_per_epoch_counts_as_trainer_does(tmp_path, images, batch_size, accumulation):
+    """`--warmup_epochs` turns epochs into the optimizer steps that Trainer takes in one epoch, a partly
+    accumulated last step included (1221 images, batch 16, 4 accumulated: 77 batches, 20 steps)."""
+    import torch
+    from tiny import TINY as TINY_CONFIG
+    from tiny import TinyImages
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+        num_train_epochs=1, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = sar_hf.SARViTForImageClassification(sar_hf.SARViTConfig(**TINY_CONFIG))
+    trainer = Trainer(model=model, args=args, train_dataset=TinyImages(images))
+    trainer.train()
+    assert run_sar.steps_per_epoch(args, images) == trainer.state.global_step
+
+
 # --------------------------------------------------------------------------------------------
 # Data errors (they stop the run before any training)
 
