@@ -6,24 +6,34 @@ Two exact algorithms, one result:
   2-D image with an empty row after each map so that no region crosses from one map into the
   next. scipy numbers regions in raster order, so the regions of map ``i`` are one contiguous
   block of labels that a per-map offset renumbers to ``1..n_i``.
-* ``"propagation"`` (any device, the default on GPUs): tree hooking and pointer jumping over the
-  3×3 (or cross) neighbourhood, in batched tensor ops and a number of rounds fixed by the grid
-  size, so the maps never leave the device and the host never waits for them (see
-  `_label_propagation` for the bound and its proof).
+* ``"propagation"`` (any device): tree hooking and pointer jumping over the 3×3 (or cross)
+  neighbourhood, in batched tensor ops and a number of rounds fixed by the grid size, so the maps
+  never leave the device and the host never waits for them (see `_label_propagation` for the
+  bound and its proof).
+* ``"triton"`` (CUDA, the default there when Triton is installed): the same union-find idea in one
+  fused kernel launch, one program per map (`sar_hf.triton_kernels`), for maps of up to
+  `MAX_TRITON_PIXELS` pixels; larger maps fall back to propagation.
 
-Both run inside one registered operator, ``torch.ops.sar_hf.connected_components``, which
+All run inside one registered operator, ``torch.ops.sar_hf.connected_components``, which
 `torch.compile` and `torch.export` keep as a single opaque node (its fake implementation
 gives them the output shapes).
 """
 
+import functools
+import importlib.util
 import math
 
 import numpy as np
 import scipy.ndimage
 import torch
 import torch.nn.functional as F
+from transformers.utils import logging
 
-_ALGORITHMS = ("auto", "scipy", "propagation")
+logger = logging.get_logger(__name__)
+
+ALGORITHMS = ("auto", "scipy", "propagation", "triton")
+# The largest map the Triton kernels hold in one program (64×64 patches, e.g. 1024 px at patch 16).
+MAX_TRITON_PIXELS = 4096
 _STRUCTURES = {c: scipy.ndimage.generate_binary_structure(2, 2 if c == 8 else 1) for c in (4, 8)}
 
 
@@ -38,8 +48,8 @@ def connected_components(
         connectivity (`int`, *optional*, defaults to 8):
             8 joins diagonal neighbours, 4 joins only edge neighbours.
         algorithm (`str`, *optional*, defaults to `"auto"`):
-            `"scipy"`, `"propagation"`, or `"auto"` (scipy for CPU tensors, propagation
-            otherwise). Both give the same labels.
+            `"scipy"`, `"propagation"`, `"triton"`, or `"auto"` (scipy for CPU tensors, Triton for
+            CUDA tensors when it is installed, propagation otherwise). All give the same labels.
         return_counts (`bool`, *optional*, defaults to `False`):
             Also return the number of regions of each map.
 
@@ -54,6 +64,8 @@ def connected_components(
           the labels back (on a GPU tensor, one synchronisation).
         * propagation: O(M·n·log² n) work in a fixed number of batched tensor ops, no host
           synchronisation; memory O(M·n).
+        * triton: one kernel launch, no host synchronisation; rounds that depend on the mask
+          (few for blob-like maps), each O(n) per map.
     """
     if mask.dtype != torch.bool:
         raise TypeError(f"`mask` must be a bool tensor, got {mask.dtype}; use `scores > threshold`.")
@@ -61,8 +73,8 @@ def connected_components(
         raise ValueError(f"`mask` must have shape [..., gh, gw], got {tuple(mask.shape)}.")
     if connectivity not in (4, 8):
         raise ValueError(f"`connectivity` must be 4 or 8, got {connectivity}.")
-    if algorithm not in _ALGORITHMS:
-        raise ValueError(f"`algorithm` must be one of {_ALGORITHMS}, got {algorithm!r}.")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"`algorithm` must be one of {ALGORITHMS}, got {algorithm!r}.")
     *lead, gh, gw = mask.shape
     labels, counts = label_maps(mask.reshape(math.prod(lead), gh, gw), connectivity, algorithm)
     labels, counts = labels.reshape(mask.shape), counts.reshape(lead)
@@ -75,9 +87,32 @@ def label_maps(maps: torch.Tensor, connectivity: int, algorithm: str = "auto") -
     The arguments are not checked: this is the entry point of `spatial_entropy`, whose own
     checks already hold.
     """
-    if algorithm == "auto":
-        algorithm = "scipy" if maps.device.type == "cpu" else "propagation"
+    algorithm = resolve_algorithm(algorithm, maps.device, maps.shape[-2] * maps.shape[-1])
     return torch.ops.sar_hf.connected_components(maps, connectivity, algorithm)
+
+
+def resolve_algorithm(algorithm: str, device: torch.device, num_pixels: int) -> str:
+    """The labelling that `algorithm` runs for maps of `num_pixels` pixels on `device`.
+
+    `"auto"` is scipy on a CPU, Triton on CUDA when it is installed, propagation otherwise; Triton
+    for maps larger than `MAX_TRITON_PIXELS` falls back to propagation, with a warning once.
+    """
+    if algorithm == "auto":
+        if device.type == "cpu":
+            return "scipy"
+        algorithm = "triton" if device.type == "cuda" and _triton_installed() else "propagation"
+    if algorithm == "triton" and num_pixels > MAX_TRITON_PIXELS:
+        logger.warning_once(
+            f"Maps of {num_pixels} patches exceed the {MAX_TRITON_PIXELS} that the Triton kernels hold; "
+            "labelling them with the 'propagation' algorithm instead."
+        )
+        return "propagation"
+    return algorithm
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def max_regions(gh: int, gw: int, connectivity: int) -> int:
@@ -100,11 +135,15 @@ def max_regions(gh: int, gw: int, connectivity: int) -> int:
 
 @torch.library.custom_op("sar_hf::connected_components", mutates_args=())
 def _label_op(maps: torch.Tensor, connectivity: int, algorithm: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, gh, gw] bool -> ([M, gh, gw] int64 labels, [M] int64 counts); `algorithm` is "scipy" or "propagation"."""
+    """[M, gh, gw] bool -> ([M, gh, gw] int64 labels, [M] int64 counts); `algorithm` as resolved."""
     if maps.numel() == 0:  # no maps, or maps without pixels
         return torch.zeros(maps.shape, dtype=torch.long, device=maps.device), maps.new_zeros(
             maps.shape[0], dtype=torch.long
         )
+    if algorithm == "triton":
+        from . import triton_kernels  # Triton is optional, and large: imported only when used
+
+        return triton_kernels.label_maps(maps, connectivity)
     label = _label_scipy if algorithm == "scipy" else _label_propagation
     return label(maps, connectivity)
 
@@ -221,4 +260,12 @@ def _shift(value: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return padded[..., 1 + dy : 1 + dy + gh, 1 + dx : 1 + dx + gw]
 
 
-__all__ = ["connected_components", "label_maps", "max_regions", "propagation_rounds"]
+__all__ = [
+    "ALGORITHMS",
+    "MAX_TRITON_PIXELS",
+    "connected_components",
+    "label_maps",
+    "max_regions",
+    "propagation_rounds",
+    "resolve_algorithm",
+]

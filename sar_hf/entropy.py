@@ -14,7 +14,7 @@ whole, with the labelling as one opaque operator.
 
 import torch
 
-from .components import label_maps, max_regions
+from .components import ALGORITHMS, label_maps, max_regions, resolve_algorithm
 
 _EPS = 1e-9  # the authors' constant of step 4
 # Rows whose largest |score| reaches 2**_SAFE_EXPONENT are scaled by an exact power of two
@@ -27,6 +27,7 @@ def spatial_entropy(
     cls_logits: torch.Tensor,
     grid_size: tuple[int, int],
     reduction: str = "mean",
+    algorithm: str = "auto",
     connectivity: int = 8,
     return_skipped: bool = False,
 ):
@@ -42,6 +43,11 @@ def spatial_entropy(
         reduction (`str`, *optional*, defaults to `"mean"`):
             `"mean"`: the mean entropy over the valid maps, a scalar (0 when none is valid).
             `"none"`: a `[B, heads]` tensor of entropies, 0 for skipped maps.
+        algorithm (`str`, *optional*, defaults to `"auto"`):
+            How the regions are found (see [`connected_components`]): `"scipy"`, `"propagation"`,
+            `"triton"`, or `"auto"` (scipy on a CPU, Triton on CUDA when it is installed,
+            propagation otherwise). With `"triton"` the whole loss is fused: two kernel launches
+            forward and one backward. All give the same value.
         connectivity (`int`, *optional*, defaults to 8):
             Neighbourhood of the regions, 8 as in the paper.
         return_skipped (`bool`, *optional*, defaults to `False`):
@@ -59,6 +65,8 @@ def spatial_entropy(
         raise ValueError(f"`cls_logits` must have shape [B, heads, gh*gw], got {tuple(cls_logits.shape)}.")
     if reduction not in ("mean", "none"):
         raise ValueError(f"`reduction` must be 'mean' or 'none', got {reduction!r}.")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"`algorithm` must be one of {ALGORITHMS}, got {algorithm!r}.")
     if connectivity not in (4, 8):
         raise ValueError(f"`connectivity` must be 4 or 8, got {connectivity}.")
     gh, gw = _check_grid(grid_size)
@@ -68,10 +76,19 @@ def spatial_entropy(
             "scores per map; leave out the [CLS], distillation and register tokens and pass the patch grid."
         )
 
+    algorithm = resolve_algorithm(algorithm, cls_logits.device, gh * gw)
+    if algorithm == "triton":
+        from . import triton_kernels  # Triton is optional, and large: imported only when used
+
+        scores = cls_logits.reshape(-1, gh * gw)  # the kernels read any float dtype
+        entropy, skipped = triton_kernels.spatial_entropy(scores, gh, gw, connectivity, mean=reduction == "mean")
+        entropy = entropy.reshape(cls_logits.shape[:2]) if reduction == "none" else entropy
+        return (entropy, skipped) if return_skipped else entropy
+
     dtype = torch.float64 if cls_logits.dtype == torch.float64 else torch.float32
     with torch.autocast(cls_logits.device.type, enabled=False):
         scores = cls_logits.to(dtype).reshape(-1, gh * gw)
-        entropy, valid = _RegionEntropy.apply(scores, gh, gw, connectivity)
+        entropy, valid = _RegionEntropy.apply(scores, gh, gw, connectivity, algorithm)
     entropy, valid = entropy.reshape(cls_logits.shape[:2]), valid.reshape(cls_logits.shape[:2])
     skipped = (~valid).sum()
     if reduction == "mean":
@@ -95,7 +112,7 @@ class _RegionEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, scores, gh, gw, connectivity):
+    def forward(ctx, scores, gh, gw, connectivity, algorithm):
         # The largest |s| of each row: not finite for rows with NaN or ±inf, which get entropy 0 and
         # gradient 0 (masked per map below; their pixels stay inside their own map's slots).
         magnitude = torch.maximum(scores.amax(dim=-1, keepdim=True), scores.amin(dim=-1, keepdim=True).neg())
@@ -107,7 +124,7 @@ class _RegionEntropy(torch.autograd.Function):
         x = scores * scale
         x -= x.sum(dim=-1, keepdim=True) / x.shape[-1]  # step 2: s - mean, of the scaled row
         mask = x > 0  # s > mean: a float difference is 0 only for equal numbers, and keeps the sign
-        labels = label_maps(mask.reshape(-1, gh, gw), connectivity)[0].reshape(x.shape)  # step 3
+        labels = label_maps(mask.reshape(-1, gh, gw), connectivity, algorithm)[0].reshape(x.shape)  # step 3
         # Step 4 without the relu: only the mask reaches a region slot (the background lands in
         # slot 0, which is cleared). The eps goes on after the subtraction: folded into
         # `eps - mean` it would round away whenever |mean| > ~0.02.
@@ -120,9 +137,10 @@ class _RegionEntropy(torch.autograd.Function):
         total = torch.where(total > 0, total, 1.0)  # an empty mask has no regions and entropy 0
         p = mass / total
         # Step 6. Every region has p > 0 (its pixels have s > mean); empty slots give 0 * log 1.
+        # `0 - sum` rather than `-sum`, so that a single region gives +0, not -0.
         log_p = torch.log(torch.where(p > 0, p, 1.0))
         valid_map = valid.squeeze(-1)
-        entropy = torch.where(valid_map, (p * log_p).sum(dim=-1).neg(), 0.0)
+        entropy = torch.where(valid_map, 0.0 - (p * log_p).sum(dim=-1), 0.0)
         ctx.save_for_backward(labels, log_p, entropy, total, scale, valid)
         ctx.mark_non_differentiable(valid_map)
         return entropy, valid_map
@@ -137,7 +155,7 @@ class _RegionEntropy(torch.autograd.Function):
         g[:, 0] = 0  # the background; other empty slots are never gathered
         grad = torch.gather(g, 1, labels)
         grad -= grad.mean(dim=-1, keepdim=True)  # through the mean
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def _check_grid(grid_size) -> tuple[int, int]:
