@@ -6,6 +6,7 @@ from collections.abc import Callable
 from transformers import TrainerCallback
 from transformers.utils import logging
 
+from .configuration_sar_vit import check_sar_weight
 from .loss import find_sar_loss
 
 logger = logging.get_logger(__name__)
@@ -36,16 +37,19 @@ class SARCallback(TrainerCallback):
     checkpoint continues the schedule exactly. It is written onto `scheduled_sar_weight` of the
     model's [`SpatialEntropyLoss`] (`model.sar_loss`, found through DDP, FSDP and PEFT); the
     configured `sar_weight`, which checkpoints save, stays the peak. A warning says when the
-    schedule leaves λ at 0 on more than half of the steps.
+    schedule leaves λ at 0 on more than half of the steps, or never reaches its peak (a warm-up
+    longer than the run), and how far it gets.
 
     Logged (means over the logging window and over processes): `sar/entropy`, `sar/ce_loss`,
     `sar/weight`, `sar/skipped_maps` (non-finite maps left out per forward pass), and
-    `<prefix>_sar/entropy` after each evaluation; `sar/weight` only when the term was computed
-    in that window. A training step that ends without the term added to its loss raises an error:
-    with label smoothing or a `compute_loss_func`, Trainer calls the model without labels, and
-    only [`SARTrainer`] then adds the term. Use [`SARTrainer`] also so that the reporting
-    integrations (TensorBoard, W&B, ...) see the `sar/*` values; a plain `Trainer` puts them in
-    `state.log_history` only.
+    `<prefix>_sar/entropy` for each `evaluate` and `predict` (in the metrics they return);
+    `sar/weight` only when the term was computed in that window. Only the passes of training
+    and of Trainer's prediction steps count: inference of your own before, between or after
+    them stays out of every figure. With label smoothing or a `compute_loss_func`, Trainer calls
+    the model without labels and only [`SARTrainer`] adds the term; a plain `Trainer` then stops
+    at the first backward that lacks it ([`CLSScoreCapture`]). Use [`SARTrainer`] also so that
+    the reporting integrations (TensorBoard, W&B, ...) see the `sar/*` values; a plain `Trainer`
+    puts them in `state.log_history` only.
 
     Args:
         sar_weight (`float`, *optional*):
@@ -81,39 +85,42 @@ class SARCallback(TrainerCallback):
             raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {granularity!r}.")
         if warmup_epochs is not None and not warmup_epochs >= 0:
             raise ValueError(f"`warmup_epochs` must be >= 0, got {warmup_epochs}.")
-        if sar_weight is not None and (not math.isfinite(sar_weight) or sar_weight < 0):
-            raise ValueError(f"`sar_weight` must be a finite number >= 0, got {sar_weight!r}.")
-        self.sar_weight = sar_weight
+        self.sar_weight = None if sar_weight is None else check_sar_weight(sar_weight)
         self.schedule = schedule
         self.warmup_epochs = warmup_epochs
         self.granularity = granularity
         self.loss_fn = loss_fn
         self.current_weight = None
-        # Set by SARTrainer, which adds the term to any loss Trainer computes.
-        self.trainer_adds_term = False
 
     def weight_at(self, global_step: int, max_steps: int, num_train_epochs: float) -> float:
         """λ for the optimizer step `global_step` (0-based) of a run of `max_steps` steps."""
-        epochs = max(num_train_epochs, 1e-12)
-        epoch = global_step * epochs / max(max_steps, 1)  # fractional epochs done
+        epoch, epochs = _epochs_done(global_step, max_steps, num_train_epochs)
         if callable(self.schedule):
             return float(self.schedule(epoch, epochs))
         if self.schedule == "constant":
             return self.sar_weight
-        warmup = epochs / 10 if self.warmup_epochs is None else self.warmup_epochs
-        end = epochs
-        if self.granularity_for(epochs) == "epoch":
-            epoch, end = math.floor(epoch + 1e-9), math.ceil(epochs - 1e-9) - 1
+        epoch, warmup, end = self._warmup_cosine_clock(epoch, epochs)
         if epoch < warmup:
             return self.sar_weight * epoch / warmup
         progress = min(1.0, (epoch - warmup) / max(end - warmup, 1e-12))
         return self.sar_weight * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def _warmup_cosine_clock(self, epoch: float, epochs: float) -> tuple[float, float, float]:
+        """`(e, W, E_end)` of the warm-up + cosine schedule `epoch` epochs into a run of `epochs`."""
+        warmup = self.warmup_for(epochs)
+        if self.granularity_for(epochs) == "epoch":
+            return math.floor(epoch + 1e-9), warmup, math.ceil(epochs - 1e-9) - 1
+        return epoch, warmup, epochs
 
     def granularity_for(self, num_train_epochs: float) -> str:
         """`"epoch"` or `"step"`: the granularity used in a run of `num_train_epochs` epochs."""
         if self.granularity != "auto":
             return self.granularity
         return "epoch" if num_train_epochs >= _EPOCH_GRANULARITY_FROM else "step"
+
+    def warmup_for(self, num_train_epochs: float) -> float:
+        """The warm-up, in epochs, of a run of `num_train_epochs` epochs."""
+        return num_train_epochs / 10 if self.warmup_epochs is None else self.warmup_epochs
 
     def _target(self, model):
         target = self.loss_fn if self.loss_fn is not None else find_sar_loss(model)
@@ -129,35 +136,44 @@ class SARCallback(TrainerCallback):
         self._target(model).scheduled_sar_weight = self.current_weight
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if args.label_smoothing_factor > 0 and not self.trainer_adds_term:
-            raise ValueError(
-                "With `label_smoothing_factor > 0`, Trainer computes the loss itself and calls the model without "
-                "labels, so a plain Trainer would train without the SAR term. Use `sar_hf.SARTrainer`, which adds "
-                "λ·spatial_entropy to whatever loss Trainer computes."
-            )
         target = self._target(model)
+        target.sar_stats.reset()  # passes made before training are no part of its logs
+        peak = target.sar_weight  # read, and so checked, even when the callback has its own: checkpoints save it
         if self.sar_weight is None:
-            self.sar_weight = target.sar_weight
+            self.sar_weight = peak
         self._set_weight(state, model)
-        weights = (self.weight_at(step, state.max_steps, state.num_train_epochs) for step in range(state.max_steps))
+        if self.sar_weight > 0:
+            self._warn_about_the_schedule(state)
+
+    def _warn_about_the_schedule(self, state):
+        """Warns when λ is 0 on more than half of the steps, or when the run ends in the warm-up."""
+        steps, epochs = state.max_steps, state.num_train_epochs
+        weights = [self.weight_at(step, steps, epochs) for step in range(steps)]
+        problems = []
         zero = sum(weight == 0 for weight in weights)
-        if self.sar_weight > 0 and zero > state.max_steps / 2:
+        if zero > steps / 2:
+            problems.append(f"leaves λ at 0 on {zero} of the {steps} steps")
+        if self.schedule == "warmup_cosine" and steps > 0:
+            last, warmup, _ = self._warmup_cosine_clock(*_epochs_done(steps - 1, steps, epochs))
+            if last < warmup:
+                highest = max(weights)
+                problems.append(
+                    f"never reaches its peak λ = {self.sar_weight}: the run ends in the warm-up, with λ at most "
+                    f"{highest:.3g} ({highest / self.sar_weight:.0%} of the peak)"
+                )
+        if problems:
             logger.warning(
-                f"The SAR schedule leaves λ at 0 on {zero} of the {state.max_steps} steps (granularity "
-                f"{self.granularity_for(state.num_train_epochs)!r}, warm-up {self.warmup_epochs} epochs of "
-                f"{state.num_train_epochs}); use `granularity='step'` or a shorter warm-up to apply the regulariser."
+                f"The SAR schedule {' and '.join(problems)} (granularity {self.granularity_for(epochs)!r}, "
+                f"warm-up {self.warmup_for(epochs):g} of {epochs:g} epochs); use a shorter `warmup_epochs` or "
+                "`granularity='step'` to apply the regulariser."
             )
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._set_weight(state, model)
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self._target(model).capture.pending and model.training:
-            raise RuntimeError(
-                "This training step's loss was computed without the SAR term: Trainer called the model without "
-                "labels (a `compute_loss_func` or label smoothing) and nothing added λ·spatial_entropy. Use "
-                "`sar_hf.SARTrainer`, which adds it to whatever loss Trainer computes."
-            )
+    def on_prediction_step(self, args, state, control, model=None, **kwargs):
+        # Trainer runs the model once per prediction step: the last evaluation pass is this step's.
+        self._target(model).sar_stats.count_evaluation_pass()
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._target(model).scheduled_sar_weight = None  # outside training, the configured weight holds
@@ -166,12 +182,11 @@ class SARCallback(TrainerCallback):
         if logs is None or model is None:
             return
         stats = self._target(model).sar_stats
-        evaluation = next((k[: -len("_runtime")] for k in logs if k.endswith("_runtime")), None)
-        if evaluation == "train":  # the end-of-training summary
+        prefix = _metric_prefix(logs)
+        if prefix == "train":  # the end-of-training summary
             return
-        if evaluation is not None:
-            means = stats.pop(training=False)
-            new = {} if means is None else {f"{evaluation}_sar/entropy": means["entropy"]}
+        if prefix is not None:  # an evaluation's metrics
+            new = _evaluation_figures(stats, prefix)
         elif "loss" in logs:
             means = stats.pop(training=True)
             if means is None:  # no training forward computed the term in this window
@@ -184,6 +199,28 @@ class SARCallback(TrainerCallback):
         # Trainer appended a copy of `logs` to the history just before calling us.
         if state.log_history and set(logs) - set(new) <= set(state.log_history[-1]):
             state.log_history[-1].update(new)
+
+    def on_predict(self, args, state, control, metrics=None, model=None, **kwargs):
+        # `predict` logs nothing: its figures go into the metrics that it returns.
+        if metrics is not None and model is not None and (prefix := _metric_prefix(metrics)) is not None:
+            metrics.update(_evaluation_figures(self._target(model).sar_stats, prefix))
+
+
+def _epochs_done(global_step: int, max_steps: int, num_train_epochs: float) -> tuple[float, float]:
+    """(fractional epochs done before `global_step`, the run's length in epochs)."""
+    epochs = max(num_train_epochs, 1e-12)
+    return global_step * epochs / max(max_steps, 1), epochs
+
+
+def _metric_prefix(metrics: dict) -> str | None:
+    """`"eval"`, `"test"`, ...: the key prefix of an evaluation's metrics (`train` for the training
+    summary), read from its `<prefix>_runtime`; None for a training log."""
+    return next((key[: -len("_runtime")] for key in metrics if key.endswith("_runtime")), None)
+
+
+def _evaluation_figures(stats, prefix: str) -> dict[str, float]:
+    means = stats.pop(training=False)
+    return {} if means is None else {f"{prefix}_sar/entropy": means["entropy"]}
 
 
 __all__ = ["SARCallback"]

@@ -13,10 +13,15 @@ marked, then runs the kernel untouched: every layer keeps SDPA (or flash, flex, 
 nothing N×N is built for the loss. The scores are formed after the forward pass, outside the
 layer, so gradient checkpointing replays the layer exactly, and attention dropout, which acts
 on the probabilities, never reaches them.
+
+The capture is also the one place that sees every forward pass and every use of its scores, so
+it is where a dropped SAR term is caught, whoever computed the loss: a training pass that needed
+its term and whose scores were never popped stops its own backward with an error.
 """
 
 import functools
 import sys
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -34,6 +39,19 @@ class CapturedScores(NamedTuple):
     training: bool
 
 
+class _Pass:
+    """One forward pass of the model: its patch grid and mode, what the marked layer recorded, and
+    whether its scores were popped."""
+
+    __slots__ = ("grid_size", "recorded", "training", "used")
+
+    def __init__(self, grid_size: tuple[int, int], training: bool):
+        self.grid_size = grid_size
+        self.training = training
+        self.recorded = None
+        self.used = False
+
+
 class CLSScoreCapture:
     r"""
     Captures the pre-softmax scores `q_cls · k_j · scaling + mask_cls,j` of the [CLS] query against
@@ -43,11 +61,19 @@ class CLSScoreCapture:
     left out: the patches are the last `gh*gw` tokens, with `(gh, gw)` read from each batch's
     image size and the patch size.
 
+    Given `weight`, the capture guards the term: a pass in training mode with gradients on and
+    `weight() > 0` must have its scores popped before backward reaches the model's output;
+    otherwise that backward raises a `RuntimeError` that says how to apply the term. Evaluation,
+    `torch.no_grad()`, λ = 0 and passes traced by `torch.compile` or `torch.export` are left alone.
+
     Args:
         model ([`PreTrainedModel`]):
             A ViT-family image classifier (or a PEFT model wrapping one).
         layer (`int`, *optional*, defaults to -1):
             The encoder layer whose attention is captured; negative counts from the end.
+        weight (`Callable[[], float]`, *optional*):
+            λ of the current training step, read at the end of each training pass; without it
+            nothing is guarded.
 
     Raises:
         `ValueError` for models whose attention has no [CLS] row over a patch grid (no [CLS]
@@ -64,7 +90,7 @@ class CLSScoreCapture:
     ```
     """
 
-    def __init__(self, model, layer: int = -1):
+    def __init__(self, model, layer: int = -1, weight: Callable[[], float] | None = None):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
         config = getattr(base.config, "vision_config", base.config)  # CLIP keeps its vision settings apart
         self.module = _attention_modules(base, config)[_layer_index(layer, config.num_hidden_layers)]
@@ -75,10 +101,9 @@ class CLSScoreCapture:
             )
         patch = config.patch_size
         self.patch_size = (patch, patch) if isinstance(patch, int) else tuple(patch)
-        self._state = "idle"  # idle -> running (forward) -> pending (scores to pop) -> idle
-        self._recorded = None
-        self._grid_size = None
-        self._training = False
+        self._weight = weight
+        self._pass = None  # the current or last forward pass
+        self._running = False
         setattr(self.module, _MARK, self)
         self._handles = [
             base.register_forward_pre_hook(self._begin, with_kwargs=True),
@@ -88,7 +113,7 @@ class CLSScoreCapture:
     @property
     def pending(self) -> bool:
         """True between the end of a forward pass and the `pop` of its scores."""
-        return self._state == "pending"
+        return self._pass is not None and not self._running and not self._pass.used
 
     def pop(self) -> CapturedScores | None:
         """The scores of the current or last forward pass, once; None if there is none left to pop.
@@ -100,9 +125,11 @@ class CLSScoreCapture:
             [`CapturedScores`]: `scores` `[B, heads, gh*gw]` in the dtype attention ran in (a view
             of the layer's own q and k, with their gradient), `grid_size`, `training`.
         """
-        if self._state == "idle":
+        current = self._pass
+        if current is None or current.used:
             return None
-        self._state, recorded, self._recorded = "idle", self._recorded, None
+        current.used = True
+        recorded, current.recorded = current.recorded, None
         if recorded is None:
             raise RuntimeError(
                 f"{type(self.module).__name__} ran without passing through the attention-function registry or its "
@@ -110,9 +137,9 @@ class CLSScoreCapture:
                 f"{self.module.config._attn_implementation!r}). Register custom kernels with "
                 "`AttentionInterface.register` before the forward pass."
             )
-        gh, gw = self._grid_size
+        gh, gw = current.grid_size
         scores = _cls_scores(*recorded, num_patches=gh * gw)
-        return CapturedScores(scores, (gh, gw), self._training)
+        return CapturedScores(scores, (gh, gw), current.training)
 
     def remove(self):
         """Detaches the capture from the model."""
@@ -125,23 +152,32 @@ class CLSScoreCapture:
 
     def _begin(self, model, args, kwargs):
         pixel_values = kwargs.get("pixel_values", args[0] if args else None)
-        self._grid_size = self._grid_of(pixel_values)
-        self._training = model.training
-        self._recorded = None
-        self._state = "running"
+        # A pass whose scores were never popped is replaced: its own backward still finds it unused.
+        self._pass = _Pass(self._grid_of(pixel_values), model.training)
+        self._running = True
         _wrap_kernel(self.module)
 
     def _end(self, model, args, output):
-        if self._state == "running":
-            self._state = "pending"
+        self._running = False
+        current = self._pass  # None when the first pass failed in `_begin`
+        # Dynamo cannot trace a hook on an intermediate tensor: compiled and exported passes go unguarded.
+        if self._weight is None or current is None or current.used or torch.compiler.is_compiling():
+            return
+        if not (current.training and torch.is_grad_enabled()):
+            return
+        # Backward through any loss of this pass starts at its output (None after a failed pass).
+        tensor = _first_grad_tensor(output)
+        if tensor is not None and (weight := self._weight()) > 0:
+            tensor.register_hook(functools.partial(_check_used, current, weight))
 
     def record(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float | None):
         """Called by the wrapped kernel with the marked module's q, k `[B, heads, N, d]` and mask."""
-        # Only during the model's own forward pass: gradient checkpointing runs the layer again in
-        # backward, and that replay must not replace what the loss already used.
-        if self._state == "running":
+        # Only during the model's own forward pass, before its scores are popped: gradient
+        # checkpointing runs the layer again in backward, and that replay must not replace what the
+        # loss already used.
+        if self._running and not self._pass.used:
             scaling = query.shape[-1] ** -0.5 if scaling is None else scaling  # SDPA's default
-            self._recorded = (query[:, :, :1], key, mask, scaling)
+            self._pass.recorded = (query[:, :, :1], key, mask, scaling)
 
     def _grid_of(self, pixel_values) -> tuple[int, int]:
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
@@ -157,6 +193,25 @@ class CLSScoreCapture:
                 f"multiple of the patch size (e.g. {height // ph * ph or ph}x{width // pw * pw or pw})."
             )
         return height // ph, width // pw
+
+
+def _first_grad_tensor(output) -> torch.Tensor | None:
+    """The first tensor of a model's output (`ModelOutput`, tuple or tensor) that has a gradient."""
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, tuple) else (output,)
+    return next((v for v in values if isinstance(v, torch.Tensor) and v.requires_grad), None)
+
+
+def _check_used(current: _Pass, weight: float, grad: torch.Tensor):
+    """Gradient hook on a training pass's output: its backward must not run before its scores were used."""
+    if not current.used:
+        raise RuntimeError(
+            f"This training pass's [CLS] scores were never used, so its loss lacks the SAR term "
+            f"λ·spatial_entropy (λ = {weight}). Apply the term in one of three ways: call the model with "
+            "`labels` (the term joins the loss it computes); compute the loss with `model.sar_loss(outputs, "
+            "labels)`, which also serves as `Trainer(compute_loss_func=...)`; or train with `sar_hf.SARTrainer`, "
+            "which adds the term to whatever loss Trainer computes (label smoothing, a `compute_loss_func`). A "
+            "loop with its own loss adds `model.sar_loss.penalty(labels)[0]` to it."
+        )
 
 
 def _cls_scores(query, key, mask, scaling, num_patches: int) -> torch.Tensor:

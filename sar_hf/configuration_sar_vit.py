@@ -8,6 +8,13 @@ from transformers import ViTConfig
 PAPER_URL = "https://arxiv.org/abs/2206.04636"
 
 
+def check_sar_weight(weight: float) -> float:
+    """`weight` if it is a valid λ (a finite number >= 0, not a bool); ValueError otherwise."""
+    if isinstance(weight, bool) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"`sar_weight` must be a finite number >= 0, got {weight!r}.")
+    return weight
+
+
 @strict
 class SARViTConfig(ViTConfig):
     r"""
@@ -73,8 +80,7 @@ class SARViTConfig(ViTConfig):
     def check_sar_settings(self):
         """Raises a ValueError for an impossible `sar_weight` or `sar_layer`. The model calls it again,
         since a setting may also be changed on a config object after it was made."""
-        if isinstance(self.sar_weight, bool) or not math.isfinite(self.sar_weight) or self.sar_weight < 0:
-            raise ValueError(f"`sar_weight` must be a finite number >= 0, got {self.sar_weight!r}.")
+        check_sar_weight(self.sar_weight)
         layers = self.num_hidden_layers
         if isinstance(self.sar_layer, bool) or not -layers <= self.sar_layer < layers:
             raise ValueError(
@@ -88,4 +94,4 @@ class SARViTConfig(ViTConfig):
         return self.sar_layer % self.num_hidden_layers
 
 
-__all__ = ["PAPER_URL", "SARViTConfig"]
+__all__ = ["PAPER_URL", "SARViTConfig", "check_sar_weight"]

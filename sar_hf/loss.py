@@ -1,17 +1,27 @@
 """The SAR term λ·spatial_entropy for any ViT-family classifier, added wherever the cross-entropy is."""
 
-import math
+import inspect
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
+from transformers import TrainingArguments
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 from transformers.utils import logging
 
 from .capture import CLSScoreCapture
+from .configuration_sar_vit import check_sar_weight
 from .entropy import spatial_entropy
 from .stats import SARStats
 
 logger = logging.get_logger(__name__)
+
+# Transformers 5.24 renamed gradient checkpointing to activation checkpointing (the old names warn).
+_CHECKPOINTING_KWARGS = next(
+    name
+    for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")
+    if hasattr(TrainingArguments, name)
+)
 
 
 class SpatialEntropyLoss:
@@ -29,16 +39,19 @@ class SpatialEntropyLoss:
     * by Trainer's label smoother or any other `compute_loss_func` (soft targets such as mixup),
       through [`SARTrainer`].
 
-    Each forward pass's scores are used once, so the term is never added twice; [`SARTrainer`] and
-    [`SARCallback`] raise an error when a training step ends without it.
+    Each forward pass's scores are used once, so the term is never added twice; a training pass
+    whose scores were never used raises an error in its backward instead of training without the
+    term ([`CLSScoreCapture`]), in Trainer and in a loop of your own alike.
 
     Args:
         model ([`PreTrainedModel`]):
             A ViT, DeiT, DINOv2 (with or without registers), BEiT, ViT-MSN or CLIP image classifier,
-            as loaded by default, or a PEFT model wrapping one.
+            as loaded by default, or a PEFT model wrapping one. It must compute a loss from `labels`
+            (`DeiTForImageClassificationWithTeacher`, for one, does not: use `DeiTForImageClassification`).
         sar_weight (`float`, *optional*, defaults to 0.01):
             λ, the paper's value; [`SARCallback`] schedules it during training. `None` reads the
             model's `config.sar_weight` at every step (as [`SARViTForImageClassification`] does).
+            Training checks the λ it reads, wherever it was set: negative or non-finite is a `ValueError`.
         sar_layer (`int`, *optional*, defaults to -1):
             Which layer's attention is regularised (negative counts from the end).
 
@@ -53,14 +66,12 @@ class SpatialEntropyLoss:
 
     def __init__(self, model, sar_weight: float | None = 0.01, sar_layer: int = -1):
         target = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
-        bad = sar_weight is not None and (
-            isinstance(sar_weight, bool) or not math.isfinite(sar_weight) or sar_weight < 0
-        )
-        if bad:
-            raise ValueError(f"`sar_weight` must be a finite number >= 0, got {sar_weight!r}.")
-        if sar_weight is None and not hasattr(target.config, "sar_weight"):
+        if sar_weight is not None:
+            check_sar_weight(sar_weight)
+        elif not hasattr(target.config, "sar_weight"):
             raise ValueError(f"`sar_weight=None` reads `config.sar_weight`, which {type(target).__name__} lacks.")
-        self.capture = CLSScoreCapture(target, sar_layer)
+        _check_computes_a_loss(target)
+        self.capture = CLSScoreCapture(target, sar_layer, weight=lambda: self.weight)
         self.sar_layer = sar_layer
         self._sar_weight = sar_weight
         self._config = target.config
@@ -71,12 +82,19 @@ class SpatialEntropyLoss:
 
     @property
     def sar_weight(self) -> float:
-        """The configured (peak) λ."""
-        return self._config.sar_weight if self._sar_weight is None else self._sar_weight
+        """The configured (peak) λ; a `ValueError` if it is negative or not finite (the config may
+        have been edited since)."""
+        return check_sar_weight(self._config.sar_weight if self._sar_weight is None else self._sar_weight)
 
     @sar_weight.setter
     def sar_weight(self, value: float):
         self._sar_weight = value
+
+    @property
+    def weight(self) -> float:
+        """λ of the current training step: the scheduled one while [`SARCallback`] runs, else `sar_weight`."""
+        scheduled = self.scheduled_sar_weight
+        return self.sar_weight if scheduled is None else check_sar_weight(scheduled)
 
     def penalty(self, labels=None, num_items_in_batch=None, ce_loss=None):
         """λ·SE of the forward pass just run, scaled like a loss normalised by `num_items_in_batch`.
@@ -99,12 +117,13 @@ class SpatialEntropyLoss:
         captured = self.capture.pop()
         if captured is None:
             return None
-        weight = self.sar_weight if self.scheduled_sar_weight is None else self.scheduled_sar_weight
-        applied = captured.training and weight > 0
+        weight = self.weight if captured.training else 0.0  # outside training the term is 0 whatever λ is
+        applied = weight > 0
         if applied and torch.is_grad_enabled() and not captured.scores.requires_grad:
             logger.warning_once(
                 "The [CLS] scores have no gradient, so the spatial entropy cannot train the model; reentrant "
-                "gradient checkpointing does this: use `gradient_checkpointing_kwargs={'use_reentrant': False}`."
+                f"checkpointing does this: use the non-reentrant kind, `TrainingArguments({_CHECKPOINTING_KWARGS}="
+                "{'use_reentrant': False})`."
             )
         with torch.set_grad_enabled(applied and torch.is_grad_enabled()):
             entropy, skipped = spatial_entropy(captured.scores, captured.grid_size, return_skipped=True)
@@ -152,6 +171,21 @@ class SpatialEntropyLoss:
             return (loss + term[0], *output[1:])
         output["loss"] = loss + term[0]
         return output
+
+
+def _check_computes_a_loss(model):
+    """ValueError, naming the class to use instead, if `model`'s forward takes no `labels`."""
+    if "labels" in inspect.signature(model.forward).parameters:
+        return
+    # The classes that `AutoModelForImageClassification` may give for this config (DeiT has two).
+    classes = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING.get(type(model.config), ())
+    classes = classes if isinstance(classes, tuple) else (classes,)
+    usable = [c.__name__ for c in classes if "labels" in inspect.signature(c.forward).parameters]
+    advice = f" Fine-tune the checkpoint as {usable[0]}, which does (with a new classifier head)." if usable else ""
+    raise ValueError(
+        f"{type(model).__name__} computes no loss (its forward takes no `labels`), so there is no loss for "
+        f'the SAR term to join and Trainer would fail with "The model did not return a loss".{advice}'
+    )
 
 
 def find_sar_loss(model) -> SpatialEntropyLoss | None:

@@ -29,8 +29,8 @@ class SARTrainer(Trainer):
       as mixup, a custom loss): Trainer calls the model without labels, and this class wraps them
       so that they add the term.
 
-    A training step whose loss still lacks the term raises an error ([`SARCallback`]) instead of
-    training without it.
+    A training pass whose loss still lacks the term raises an error in its backward
+    ([`CLSScoreCapture`]) instead of training without it.
 
     Callbacks see `logs` in order, and the reporting integrations (TensorBoard, W&B, ...) come
     before user callbacks; placing the SAR callback first lets them all record the `sar/*` values.
@@ -56,7 +56,6 @@ class SARTrainer(Trainer):
         if sar in handler.callbacks:
             handler.callbacks.remove(sar)
         handler.callbacks.insert(0, sar)
-        sar.trainer_adds_term = True
         self.sar_callback = sar
         if self.compute_loss_func is not None:
             self.compute_loss_func = self._adding_sar_term(self.compute_loss_func)
@@ -107,7 +106,14 @@ class SARTrainer(Trainer):
         if hasattr(config, "sar_no_skip_no_norm"):
             settings["sar_no_skip_no_norm"] = config.sar_no_skip_no_norm
         cb = self.sar_callback
-        schedule = cb.schedule if isinstance(cb.schedule, str) else "custom"
+        if cb.schedule == "warmup_cosine":
+            epochs = self.state.num_train_epochs or self.args.num_train_epochs  # before training: the one asked for
+            schedule = (
+                f"linear warm-up over {cb.warmup_for(epochs):g} epochs, then cosine decay to 0 "
+                f"(λ updated per {cb.granularity_for(epochs)})"
+            )
+        else:
+            schedule = cb.schedule if isinstance(cb.schedule, str) else "custom"
         # Before training the callback has no peak yet: it will take the loss's.
         peak = cb.sar_weight if cb.sar_weight is not None else sar_loss.sar_weight
         path = f"{self.args.output_dir}/README.md"
@@ -117,7 +123,7 @@ class SARTrainer(Trainer):
                 f"Trained with the spatial-entropy regulariser of [Peruzzo et al., 2024]({PAPER_URL}) "
                 "using [sar_hf](https://github.com/sar-hf/sar_hf).\n\n"
                 f"- peak λ (`sar_weight`): {peak}\n"
-                f"- λ schedule: {schedule} ({cb.granularity}), warm-up epochs: {cb.warmup_epochs}\n"
+                f"- λ schedule: {schedule}\n"
                 + "".join(f"- `{k}`: {v}\n" for k, v in settings.items())
                 + "\nLoad it with `import sar_hf` first, then the usual Auto classes or `pipeline`.\n"
             )

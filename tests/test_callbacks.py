@@ -15,7 +15,7 @@ from ranks import run_two_ranks
 from tiny import TINY
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from sar_hf import SARCallback, SARViTConfig, SARViTForImageClassification
+from sar_hf import SARCallback, SARStats, SARViTConfig, SARViTForImageClassification
 
 EPOCHS, MAX_STEPS, WARMUP, PEAK = 5, 20, 2, 0.1
 
@@ -113,6 +113,9 @@ class LossLike:
     sar_weight = 0.6
     scheduled_sar_weight = None
 
+    def __init__(self):
+        self.sar_stats = SARStats()
+
 
 def test_loss_fn_receives_the_weight_instead_of_the_model(model, args):
     loss_fn = LossLike()
@@ -154,6 +157,7 @@ def test_on_log_adds_training_and_evaluation_keys_and_skips_the_summary(model, a
     model.sar_loss.sar_stats.update(True, entropy, ce, skipped)
     model.sar_loss.sar_stats.update(True, entropy * 3, ce * 3, skipped * 0)
     model.sar_loss.sar_stats.update(False, entropy, None, skipped * 0)
+    callback.on_prediction_step(args, state_at(1), TrainerControl(), model=model)  # it was an evaluation's
 
     state = state_at(1)
     logs = {"loss": 2.0, "learning_rate": 1e-3}
@@ -225,24 +229,74 @@ def test_settings_that_zero_most_steps_are_warned_about(model, args, caplog):
     assert "leaves λ at 0" not in caplog.text
 
 
-# -- the term is never dropped silently ----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("epochs", "max_steps", "warmup", "reached"),
+    [
+        (2, 20, 10, "at most 0.019 (19% of the peak)"),  # per step: the last step is at e = 1.9 of W = 10
+        (10, 40, 10, "at most 0.09 (90% of the peak)"),  # per epoch: the last epoch's index is 9 of W = 10
+        (10, 40, 9, None),  # per epoch: the warm-up ends at the last epoch, where λ = λ*
+        (2, 20, None, None),  # the default warm-up, a tenth of the run
+        (2, 20, 1.9, None),  # per step: step 19 is at e = 1.9 = W, the peak
+    ],
+)
+def test_a_run_that_ends_in_the_warmup_is_warned_about_with_the_share_of_the_peak(
+    model, args, caplog, epochs, max_steps, warmup, reached
+):
+    callback = SARCallback(sar_weight=PEAK, warmup_epochs=warmup)
+    with caplog.at_level("WARNING"):
+        callback.on_train_begin(args, state_at(0, max_steps=max_steps, epochs=epochs), TrainerControl(), model=model)
+    if reached is None:
+        assert "never reaches its peak" not in caplog.text
+    else:
+        assert f"never reaches its peak λ = {PEAK}: the run ends in the warm-up, with λ {reached}" in caplog.text
+        assert "leaves λ at 0" not in caplog.text  # λ > 0 from the second step (epoch) on
+    # A constant or custom schedule has no warm-up to outlast.
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        for schedule in ("constant", lambda epoch, epochs: PEAK * epoch / 100):
+            callback = SARCallback(sar_weight=PEAK, schedule=schedule, warmup_epochs=warmup)
+            state = state_at(0, max_steps=max_steps, epochs=epochs)
+            callback.on_train_begin(args, state, TrainerControl(), model=model)
+    assert "never reaches its peak" not in caplog.text
 
 
-def test_plain_trainer_with_label_smoothing_is_refused_naming_sar_trainer(model, tmp_path):
-    smoothing = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, label_smoothing_factor=0.1)
-    with pytest.raises(ValueError, match="Use `sar_hf.SARTrainer`"):
-        SARCallback().on_train_begin(smoothing, state_at(0), TrainerControl(), model=model)
-
-
-def test_a_step_that_ended_without_the_term_is_an_error(args):
+def test_a_bad_weight_set_on_the_config_after_building_is_a_value_error_at_train_begin(args):
     torch.manual_seed(0)
-    model = SARViTForImageClassification(SARViTConfig(**TINY)).train()
-    callback = SARCallback(sar_weight=PEAK)
-    model(torch.randn(2, 3, 16, 16))  # what Trainer does when it keeps the labels: no term added
-    with pytest.raises(RuntimeError, match="without the SAR term"):
-        callback.on_step_end(args, state_at(1), TrainerControl(), model=model)
-    model(torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 1]))  # the model adds it
-    callback.on_step_end(args, state_at(2), TrainerControl(), model=model)
+    model = SARViTForImageClassification(SARViTConfig(**TINY, sar_weight=PEAK))
+    for weight in (-1, math.nan, math.inf):
+        model.config.sar_weight = weight
+        # Also when the callback has a peak of its own: the configured λ is what checkpoints save.
+        for callback in (SARCallback(), SARCallback(sar_weight=PEAK)):
+            with pytest.raises(ValueError, match=r"`sar_weight` must be a finite number >= 0"):
+                callback.on_train_begin(args, state_at(0), TrainerControl(), model=model)
+
+
+def test_passes_before_training_and_outside_prediction_steps_are_left_out(model, args):
+    """Only training passes made after `on_train_begin`, and evaluation passes that Trainer reports as
+    its prediction steps, count; `predict` gets its figures in its metrics, under its prefix."""
+    callback = SARCallback(sar_weight=PEAK, schedule="constant")
+    stats = model.sar_loss.sar_stats
+    stats.update(True, torch.tensor(9.0), torch.tensor(9.0), torch.tensor(0))  # a training pass before train()
+    stats.update(False, torch.tensor(9.0), None, torch.tensor(0))  # inference before train()
+    callback.on_train_begin(args, state_at(0), TrainerControl(), model=model)
+    stats.update(True, torch.tensor(0.5), torch.tensor(1.5), torch.tensor(0))
+    logs = {"loss": 2.0}
+    callback.on_log(args, state_at(1), TrainerControl(), logs=logs, model=model)
+    assert logs["sar/entropy"] == 0.5 and logs["sar/ce_loss"] == 1.5
+
+    stats.update(False, torch.tensor(9.0), None, torch.tensor(0))  # inference of the user's
+    for entropy in (0.2, 0.4):  # two prediction steps
+        stats.update(False, torch.tensor(entropy), None, torch.tensor(0))
+        callback.on_prediction_step(args, state_at(1), TrainerControl(), model=model)
+    stats.update(False, torch.tensor(9.0), None, torch.tensor(0))  # more inference, after the predict
+    metrics = {"holdout_loss": 1.0, "holdout_runtime": 0.1}
+    callback.on_predict(args, state_at(1), TrainerControl(), metrics=metrics, model=model)
+    assert metrics["holdout_sar/entropy"] == pytest.approx(0.3)
+    stats.update(False, torch.tensor(0.7), None, torch.tensor(0))
+    callback.on_prediction_step(args, state_at(1), TrainerControl(), model=model)
+    logs = {"eval_loss": 1.0, "eval_runtime": 0.1}  # the next evaluation sees its own step only
+    callback.on_log(args, state_at(1), TrainerControl(), logs=logs, model=model)
+    assert logs["eval_sar/entropy"] == pytest.approx(0.7)
 
 
 # -- edges of the schedule and of the logs (pinned by mutation testing, issue 12) ----------------
@@ -304,6 +358,7 @@ def test_on_log_without_logs_or_model_and_the_summary_leave_the_pending_stats(mo
     stats = model.sar_loss.sar_stats
     stats.pop(training=True), stats.pop(training=False)
     stats.update(False, torch.tensor(0.25), None, torch.tensor(0))
+    callback.on_prediction_step(args, state_at(1), TrainerControl(), model=model)
     callback.on_log(args, state_at(1), TrainerControl(), logs=None, model=model)
     logs = {"loss": 1.0}
     callback.on_log(args, state_at(1), TrainerControl(), logs=logs, model=None)

@@ -41,6 +41,7 @@ from transformers import (
     ViTForImageClassification,
     ViTMAEConfig,
     ViTMAEModel,
+    ViTModel,
     ViTMSNConfig,
     ViTMSNForImageClassification,
 )
@@ -105,6 +106,10 @@ MODELS = {
 }
 
 
+# DeiT's teacher class computes no loss: the capture serves it (for pictures), the loss refuses it.
+LOSS_MODELS = sorted(set(MODELS) - {"deit-teacher"})
+
+
 def build(name: str, seed: int = 0):
     """The model of `name` with random weights, bias tables and special tokens, in eval mode."""
     torch.manual_seed(seed)
@@ -128,11 +133,11 @@ def pixels(seed: int = 1, height: int = HEIGHT, width: int = WIDTH) -> torch.Ten
 def test_captured_scores_are_the_eager_log_probabilities_up_to_a_row_constant(name, layer):
     model = build(name)
     twin = eager_twin(model)
-    loss_fn = SpatialEntropyLoss(model, sar_layer=layer)
+    capture = CLSScoreCapture(model, layer)
     pixel_values, kwargs = pixels(), MODELS[name][2]
     with torch.no_grad():
         model(pixel_values, **kwargs)
-    scores, grid_size, training = loss_fn.capture.pop()
+    scores, grid_size, training = capture.pop()
     assert grid_size == (HEIGHT // 4, WIDTH // 4) and not training
     assert_equal_up_to_row_constants(scores, eager_cls_log_probs(twin, pixel_values, layer, 24, **kwargs))
     # The other layer's maps differ: the test can tell the layers apart.
@@ -140,7 +145,7 @@ def test_captured_scores_are_the_eager_log_probabilities_up_to_a_row_constant(na
     assert (scores.double() - other).std(-1).max() > 1e-2
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", LOSS_MODELS)
 def test_the_loss_equals_a_float64_reference_on_the_eager_maps(name):
     model = build(name)
     twin = eager_twin(model)
@@ -153,7 +158,7 @@ def test_the_loss_equals_a_float64_reference_on_the_eager_maps(name):
     assert entropy.item() == pytest.approx(reference, abs=1e-5) and skipped.item() == 0
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", LOSS_MODELS)
 def test_every_layer_keeps_sdpa_and_the_loss_trains_the_regularised_layer(name, monkeypatch):
     model = build(name).train()
     loss_fn = SpatialEntropyLoss(model, sar_weight=1.0)
@@ -202,7 +207,24 @@ def test_every_layer_keeps_sdpa_and_the_loss_trains_the_regularised_layer(name, 
 def test_unsupported_models_are_refused_with_the_reason(build_refused, reason):
     model = build_refused()
     with pytest.raises(ValueError, match=rf"^{type(model).__name__}\b.*{reason}"):  # the class, then why
+        CLSScoreCapture(model)  # which SpatialEntropyLoss builds
+
+
+@pytest.mark.parametrize(
+    ("build_refused", "instead"),
+    [
+        (lambda: DeiTForImageClassificationWithTeacher(DeiTConfig(**VISION)), "DeiTForImageClassification"),
+        (lambda: ViTModel(ViTConfig(**VISION)), "ViTForImageClassification"),
+    ],
+    ids=["deit-teacher", "vit-encoder"],
+)
+def test_a_model_that_computes_no_loss_is_refused_naming_the_class_to_use(build_refused, instead):
+    model = build_refused()
+    message = rf"^{type(model).__name__} computes no loss \(its forward takes no `labels`\).* as {instead}, which"
+    with pytest.raises(ValueError, match=message):
         SpatialEntropyLoss(model)
+    assert not hasattr(model, "sar_loss")
+    CLSScoreCapture(model)  # refused before anything was attached: the layer is free
 
 
 def test_a_model_whose_parameters_sit_at_the_top_level_is_refused_the_same_way():
@@ -295,6 +317,110 @@ def test_a_capture_of_a_peft_model_sits_on_its_base_model():
     assert_equal_up_to_row_constants(
         scores, eager_cls_log_probs(eager_twin(base), pixel_values, -1, 24, interpolate_pos_encoding=True)
     )
+
+
+# -- the guard: a training pass that needs its term must use its scores before its backward ------------
+
+THREE_WAYS = r"call the model with `labels`.*`Trainer\(compute_loss_func=...\)`.*`sar_hf.SARTrainer`"
+
+
+def guarded(name: str, weight: float = 0.5):
+    """A model in training mode with its SAR loss: DeiT with `SpatialEntropyLoss`, or the SAR ViT."""
+    if name == "sar-vit":
+        torch.manual_seed(0)
+        return SARViTForImageClassification(SARViTConfig(**TINY, sar_weight=weight)).train()
+    model = build(name).train()
+    SpatialEntropyLoss(model, sar_weight=weight)
+    return model
+
+
+def own_loss(model, pixel_values=None) -> torch.Tensor:
+    """What a loop of one's own does: the model without labels, then its own cross-entropy."""
+    pixel_values = pixels(height=16, width=16) if pixel_values is None else pixel_values
+    logits = model(pixel_values=pixel_values).logits
+    return torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non-reentrant"])
+@pytest.mark.parametrize("name", ["deit", "sar-vit", "lora"])
+def test_a_backward_without_the_term_is_an_error_naming_the_three_ways(name, checkpointing):
+    if name == "lora":
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(guarded("deit"), peft.LoraConfig(target_modules=["q_proj", "k_proj"])).train()
+    else:
+        model = guarded(name)
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+        if name == "lora":  # reentrant checkpointing of a frozen base needs inputs with a gradient
+            model.enable_input_require_grads()
+    loss = own_loss(model)
+    with pytest.raises(RuntimeError, match=rf"never used.*λ = 0.5.*{THREE_WAYS}"):
+        loss.backward()
+    # It stops before backward reaches any weight: nothing was computed for an optimizer to apply.
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_an_accelerate_loop_without_the_term_is_an_error_and_takes_no_step():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = guarded("deit")
+    before = [p.detach().clone() for p in model.parameters()]
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match=THREE_WAYS):
+        accelerator.backward(own_loss(model))
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("name", ["deit", "sar-vit"])
+def test_each_way_of_applying_the_term_passes_the_guard(name):
+    model = guarded(name)
+    pixel_values, labels = pixels(height=16, width=16), torch.tensor([0, 1, 2])
+    model(pixel_values=pixel_values, labels=labels).loss.backward()  # the model adds the term
+    model.sar_loss(model(pixel_values=pixel_values), labels).backward()  # the loss as compute_loss_func
+    (own_loss(model) + model.sar_loss.penalty(labels)[0]).backward()  # one's own loss plus the term
+    assert model.sar_loss.capture.module.q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["deit", "sar-vit"])
+def test_evaluation_no_grad_and_a_zero_weight_never_trip_the_guard(name):
+    model = guarded(name)
+    own_loss(model.eval()).backward()  # evaluation mode, even with gradients
+    with torch.no_grad():
+        own_loss(model.train())
+    model.sar_loss.scheduled_sar_weight = 0.0  # as the warm-up's first step
+    own_loss(model).backward()
+    model.sar_loss.scheduled_sar_weight = None
+    zero = guarded(name, weight=0.0)
+    own_loss(zero).backward()
+    bare = build("vit").train()  # a capture of one's own guards nothing
+    CLSScoreCapture(bare)
+    own_loss(bare).backward()
+
+
+def test_a_pass_replaced_by_a_later_one_before_its_backward_is_caught():
+    # Two passes, one backward: the first pass's scores were overwritten unused by the second's.
+    model = guarded("deit")
+    pixel_values, labels = pixels(height=16, width=16), torch.tensor([0, 1, 2])
+    dropped = own_loss(model, pixel_values)
+    used = model(pixel_values=pixel_values, labels=labels).loss
+    with pytest.raises(RuntimeError, match=THREE_WAYS):
+        (dropped + used).backward()
+    # The other way round, each pass used its own scores.
+    model.zero_grad()
+    used = model(pixel_values=pixel_values, labels=labels).loss
+    (used + model.sar_loss(model(pixel_values=pixel_values), labels)).backward()
+
+
+def test_a_failed_pass_is_not_guarded_and_the_next_one_is():
+    model = guarded("deit")
+    handle = model.classifier.register_forward_hook(lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        own_loss(model)
+    handle.remove()
+    with pytest.raises(RuntimeError, match=THREE_WAYS):
+        own_loss(model).backward()
 
 
 # -- gradient checkpointing and torch.compile ---------------------------------------------------------

@@ -101,6 +101,7 @@ def test_evaluation_adds_nothing_and_logs_apart():
     loss = loss_fn(model(pixel_values, interpolate_pos_encoding=True), labels)
     assert loss.item() == pytest.approx(nll.mean().item(), abs=1e-5)
     assert loss_fn.sar_stats.pop(training=True) is None
+    loss_fn.sar_stats.count_evaluation_pass()  # as SARCallback does at each of Trainer's prediction steps
     assert loss_fn.sar_stats.pop(training=False)["entropy"] == pytest.approx(entropy, abs=1e-5)
 
 
