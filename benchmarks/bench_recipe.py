@@ -83,14 +83,12 @@ def run_once(variant: str, device: str, extra: list[str], output_dir: Path) -> d
 
 def component_costs(device: str, rounds: int, batch_size: int = 64) -> dict:
     """Median milliseconds per batch of each piece the recipe adds, and of a training step, timed round-robin."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    import run_sar
-
     from sar_hf import SARViTConfig, SARViTForImageClassification
-    from sar_hf.augmentation import MixupCutmix, TrainImageTransform
     from sar_hf.data import ImageTransform, load_digits_dataset
+    from sar_hf.scripts.arguments import MODEL_PRESETS
+    from sar_hf.scripts.deit_recipe import RECIPES, MixupCutmix, TrainImageTransform
 
-    recipe = run_sar.RECIPES["deit"]
+    recipe = RECIPES["deit"]
     images = load_digits_dataset()["train"]["image"][:batch_size]
     per_image = ImageTransform((32, 32), [0.5] * 3, [0.5] * 3, augment=True)  # the digits default's crops
     plain = TrainImageTransform(per_image)
@@ -102,7 +100,7 @@ def component_costs(device: str, rounds: int, batch_size: int = 64) -> dict:
         recipe["random_erasing_prob"],
     )
     mix = MixupCutmix(10, recipe["mixup_alpha"], recipe["cutmix_alpha"], recipe["mixup_switch_prob"], 0.1)
-    model = SARViTForImageClassification(SARViTConfig(**run_sar.MODEL_PRESETS["small"], num_labels=10)).to(device)
+    model = SARViTForImageClassification(SARViTConfig(**MODEL_PRESETS["small"], num_labels=10)).to(device)
     optimizer = torch.optim.AdamW(model.parameters())
     pixel_values = plain(images).to(device)
     labels = torch.randint(0, 10, (batch_size,), device=device)

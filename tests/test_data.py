@@ -1,4 +1,4 @@
-"""sar_hf.data: the bundled digits, the data checks and the transforms."""
+"""sar_hf.data: the bundled digits, loading, the data checks and the transforms."""
 
 import os
 
@@ -17,6 +17,7 @@ from sar_hf.data import (
     drop_bad_images,
     find_bad_images,
     load_digits_dataset,
+    load_image_dataset,
     prepare_labels,
     processor_size,
     stratified_split,
@@ -71,6 +72,35 @@ def test_check_image_folder(tmp_path):
         check_image_folder(str(tmp_path / "empty"), "--train_dir")
     _png(tmp_path / "ok" / "cat" / "1.PNG")
     check_image_folder(str(tmp_path / "ok"))
+
+
+def test_load_image_dataset_from_a_bundled_name_a_folder_or_a_datasets_name(tmp_path):
+    assert {name: len(split) for name, split in load_image_dataset("digits").items()} == {"train": 1437, "test": 360}
+    for name in ("cat", "dog"):
+        _png(tmp_path / "train" / name / "1.png")
+        _png(tmp_path / "val" / name / "1.png", value=10)
+    folders = load_image_dataset(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val"))
+    assert set(folders) == {"train", "validation"} and folders["train"].features["label"].names == ["cat", "dog"]
+    # A `datasets` folder whose split is called "valid" comes back as "validation".
+    parquet = tmp_path / "parquet"
+    parquet.mkdir()
+    for split in ("train", "valid"):
+        Dataset.from_dict({"label": [0, 1]}).to_parquet(str(parquet / f"{split}.parquet"))
+    assert set(load_image_dataset(str(parquet), cache_dir=str(tmp_path / "cache"))) == {"train", "validation"}
+    (tmp_path / "digits").mkdir()  # a bundled name wins over a folder of that name
+    assert len(load_image_dataset("digits")["test"]) == 360
+    with pytest.raises(ValueError, match="holds no image files"):
+        load_image_dataset(train_dir=str(tmp_path / "digits"))
+    with pytest.raises(ValueError, match="Name a dataset or a folder of images"):
+        load_image_dataset()
+
+
+def test_the_old_import_path_of_the_cluttered_digits_keeps_working():
+    import sar_hf.cluttered_digits as old
+    from sar_hf.data import cluttered_digits
+
+    assert old.load_cluttered_digits_dataset is cluttered_digits.load_cluttered_digits_dataset
+    assert old.compose_canvas is cluttered_digits.compose_canvas
 
 
 def test_prepare_labels_rejects_missing_labels():

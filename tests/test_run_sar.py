@@ -1,7 +1,8 @@
-"""examples/run_sar.py end to end on tiny models and offline data made in tmp_path.
+"""The training script (`sar-hf train`, `examples/run_sar.py`) end to end on tiny models and offline data.
 
 The script's `main(args)` is called in this process (as Transformers' example tests do), except
-for the two-process run, which goes through `accelerate launch` in a subprocess.
+for the two-process runs, which go through `accelerate launch` and `torchrun` in a subprocess.
+Its arguments (`sar_hf/scripts/arguments.py`) and steps (`sar_hf/scripts/utils.py`) are tested here too.
 """
 
 import json
@@ -18,10 +19,11 @@ from PIL import Image as PILImage
 
 import sar_hf
 from sar_hf.metrics import compute_metrics
+from sar_hf.scripts.arguments import TRAINING_DEFAULTS, parse_args
+from sar_hf.scripts.train import main
+from sar_hf.scripts.utils import end_distributed, load_data, steps_per_epoch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-import run_sar  # noqa: E402
 
 # A few seconds per run: the tiny preset (16 px images, 4 px patches, 2 layers 32 wide).
 TINY = [
@@ -40,7 +42,7 @@ TINY = [
 
 def _run(tmp_path, *extra, name="out"):
     output_dir = tmp_path / name
-    results = run_sar.main([*TINY, "--output_dir", str(output_dir), "--cache_dir", str(tmp_path / "cache"), *extra])
+    results = main([*TINY, "--output_dir", str(output_dir), "--cache_dir", str(tmp_path / "cache"), *extra])
     return results, output_dir
 
 
@@ -85,7 +87,7 @@ def _image_folder(root, classes=("cat", "dog", "eel"), per_class=6, size=(12, 10
 
 
 def test_defaults_need_no_arguments():
-    model_args, data_args, sar_args, recipe_args, training_args = run_sar.parse_args([])
+    model_args, data_args, sar_args, recipe_args, training_args = parse_args([])
     assert model_args.model_preset == "small" and model_args.model_name_or_path is None
     assert (
         data_args.bundled_dataset == "digits" and data_args.train_val_split == 0.15 and data_args.train_fraction == 1.0
@@ -93,15 +95,15 @@ def test_defaults_need_no_arguments():
     assert (sar_args.sar_weight, sar_args.sar_schedule, sar_args.sar_granularity) == (0.01, "warmup_cosine", "auto")
     assert training_args.output_dir == "outputs/sar-digits"
     assert training_args.do_train and training_args.do_eval and not training_args.remove_unused_columns
-    assert training_args.learning_rate == run_sar.TRAINING_DEFAULTS["learning_rate"]
+    assert training_args.learning_rate == TRAINING_DEFAULTS["learning_rate"]
     # DeiT's recipe is off unless asked for.
     assert recipe_args.recipe is None and recipe_args.warmup_epochs is None
-    assert (data_args.randaugment_ops, data_args.random_erasing_prob, data_args.mixup_alpha) == (0, 0, 0)
+    assert (recipe_args.randaugment_ops, recipe_args.random_erasing_prob, recipe_args.mixup_alpha) == (0, 0, 0)
     assert training_args.label_smoothing_factor == 0
-    assert not data_args.mixes_batches
+    assert not recipe_args.mixes_batches
     # Own data goes elsewhere by default; every default can be overridden.
     args = ["--train_dir", "x", "--learning_rate", "5e-5", "--eval_strategy", "no", "--do_eval", "False"]
-    *_, training_args = run_sar.parse_args(args)
+    *_, training_args = parse_args(args)
     assert training_args.output_dir == "outputs/sar-vit"
     assert training_args.learning_rate == 5e-5 and not training_args.do_eval
 
@@ -110,15 +112,15 @@ def test_a_bundled_dataset_by_name(tmp_path):
     """`--dataset_name cluttered-digits` builds the bundled dataset offline: its own validation split
     is used, digits are not flipped, and the default output folder and the card name it."""
     args = ["--dataset_name", "cluttered-digits", "--model_preset", "tiny", "--max_train_samples", "32"]
-    model_args, data_args, _, _, training_args = run_sar.parse_args(args)
+    model_args, data_args, _, _, training_args = parse_args(args)
     assert training_args.output_dir == "outputs/sar-cluttered-digits"
     assert data_args.bundled_dataset == "cluttered-digits" and data_args.description == "cluttered scikit-learn digits"
-    dataset, _ = run_sar.load_data(model_args, data_args, training_args)
+    dataset, _ = load_data(model_args, data_args, training_args)
     assert {name: len(split) for name, split in dataset.items()} == {"train": 32, "validation": 216, "test": 720}
     assert dataset["train"].column_names == ["image", "label"]
     # The folder of that name is reached with a path.
     (tmp_path / "cluttered-digits").mkdir()
-    _, data_args, *_ = run_sar.parse_args(["--dataset_name", str(tmp_path / "cluttered-digits")])
+    _, data_args, *_ = parse_args(["--dataset_name", str(tmp_path / "cluttered-digits")])
     assert data_args.bundled_dataset is None
 
 
@@ -131,13 +133,13 @@ def test_json_config_file(tmp_path):
     }
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
-    model_args, data_args, sar_args, _, training_args = run_sar.parse_args([str(path)])
+    model_args, data_args, sar_args, _, training_args = parse_args([str(path)])
     assert (sar_args.sar_weight, sar_args.sar_schedule, data_args.train_fraction) == (0.05, "constant", 0.5)
     assert training_args.output_dir == str(tmp_path / "run")
-    assert training_args.num_train_epochs == run_sar.TRAINING_DEFAULTS["num_train_epochs"]
+    assert training_args.num_train_epochs == TRAINING_DEFAULTS["num_train_epochs"]
     path.write_text(json.dumps({**config, "sar_schedule": "linear"}))
     with pytest.raises(ValueError, match="--sar_schedule must be one of"):
-        run_sar.parse_args([str(path)])
+        parse_args([str(path)])
 
 
 @pytest.mark.parametrize(
@@ -153,22 +155,22 @@ def test_json_config_file(tmp_path):
         (["--dataset_name", "x", "--train_dir", "y"], "either --dataset_name or --train_dir"),
         (["--validation_dir", "y"], "--validation_dir needs a --train_dir"),
         (["--max_train_samples", "0"], "--max_train_samples must be at least 1"),
-        (["--mixup_alpha", "-0.2"], "--mixup_alpha must be a finite number >= 0, got -0.2"),
-        (["--cutmix_alpha", "-1"], "--cutmix_alpha must be a finite number >= 0"),
-        (["--mixup_switch_prob", "1.5"], r"--mixup_switch_prob must be a probability in \[0, 1\], got 1.5"),
-        (["--random_erasing_prob", "-0.25"], r"--random_erasing_prob must be a probability in \[0, 1\]"),
+        (["--mixup_alpha", "-0.2"], r"--mixup_alpha must be in \[0, inf\), got -0.2"),
+        (["--cutmix_alpha", "-1"], r"--cutmix_alpha must be in \[0, inf\)"),
+        (["--mixup_switch_prob", "1.5"], r"--mixup_switch_prob must be in \[0, 1\], got 1.5"),
+        (["--random_erasing_prob", "-0.25"], r"--random_erasing_prob must be in \[0, 1\]"),
         (["--label_smoothing_factor", "1.1"], r"--label_smoothing_factor must be in \[0, 1\]"),
         (["--randaugment_magnitude", "12"], r"--randaugment_magnitude must be in \[0, 10\], got 12"),
         (["--randaugment_ops", "16"], r"--randaugment_ops must be in \[0, 15\]"),
-        (["--randaugment_magnitude_std", "-1"], "--randaugment_magnitude_std must be >= 0"),
-        (["--recipe", "deit", "--cutmix_alpha", "-1"], "--cutmix_alpha must be a finite number >= 0"),
-        (["--warmup_epochs", "-1"], "--warmup_epochs must be >= 0"),
+        (["--randaugment_magnitude_std", "-1"], r"--randaugment_magnitude_std must be in \[0, inf\)"),
+        (["--recipe", "deit", "--cutmix_alpha", "-1"], r"--cutmix_alpha must be in \[0, inf\)"),
+        (["--warmup_epochs", "-1"], r"--warmup_epochs must be in \[0, inf\)"),
         (["--warmup_epochs", "2", "--warmup_steps", "10"], "--warmup_epochs and --warmup_steps both set"),
     ],
 )
 def test_invalid_arguments(tmp_path, args, message):
     with pytest.raises(ValueError, match=message):
-        run_sar.main([*args, "--output_dir", str(tmp_path)])
+        main([*args, "--output_dir", str(tmp_path)])
 
 
 def test_compute_metrics():
@@ -178,35 +180,35 @@ def test_compute_metrics():
 
 
 def test_recipe_deit_sets_the_documented_values():
-    _, data_args, _, recipe_args, training_args = run_sar.parse_args(["--recipe", "deit"])
-    assert (data_args.randaugment_ops, data_args.randaugment_magnitude, data_args.randaugment_magnitude_std) == (
+    *_, recipe_args, training_args = parse_args(["--recipe", "deit"])
+    assert (recipe_args.randaugment_ops, recipe_args.randaugment_magnitude, recipe_args.randaugment_magnitude_std) == (
         2,
         9,
         0.5,
     )
-    assert (data_args.mixup_alpha, data_args.cutmix_alpha, data_args.mixup_switch_prob) == (0.8, 1.0, 0.5)
-    assert (data_args.random_erasing_prob, training_args.label_smoothing_factor) == (0.25, 0.1)
+    assert (recipe_args.mixup_alpha, recipe_args.cutmix_alpha, recipe_args.mixup_switch_prob) == (0.8, 1.0, 0.5)
+    assert (recipe_args.random_erasing_prob, training_args.label_smoothing_factor) == (0.25, 0.1)
     assert training_args.optim.value.startswith("adamw") and training_args.weight_decay == 0.05
     assert training_args.lr_scheduler_type.value == "cosine" and recipe_args.warmup_epochs == 5
     assert training_args.learning_rate == pytest.approx(5e-4 * 64 / 512)  # the script's batch of 64
     # The global batch counts the processes and the accumulated batches too.
     args = ["--recipe", "deit", "--per_device_train_batch_size", "128", "--gradient_accumulation_steps", "4"]
-    *_, training_args = run_sar.parse_args(args)
+    *_, training_args = parse_args(args)
     assert training_args.learning_rate == pytest.approx(5e-4)
 
 
 def test_an_explicit_flag_wins_over_the_recipe(tmp_path):
     args = ["--recipe", "deit", "--mixup_alpha", "0", "--learning-rate", "1e-3", "--warmup_steps", "3",
             "--label_smoothing_factor=0.05", "--randaugment_ops", "1", "--weight_decay", "0"]  # fmt: skip
-    _, data_args, _, recipe_args, training_args = run_sar.parse_args(args)
-    assert (data_args.mixup_alpha, data_args.randaugment_ops, training_args.label_smoothing_factor) == (0, 1, 0.05)
+    *_, recipe_args, training_args = parse_args(args)
+    assert (recipe_args.mixup_alpha, recipe_args.randaugment_ops, training_args.label_smoothing_factor) == (0, 1, 0.05)
     assert (training_args.learning_rate, training_args.warmup_steps, training_args.weight_decay) == (1e-3, 3, 0)
     assert recipe_args.warmup_epochs is None  # --warmup_steps replaces the recipe's warm-up
-    assert (data_args.cutmix_alpha, data_args.random_erasing_prob) == (1.0, 0.25)  # the rest of the recipe stays
+    assert (recipe_args.cutmix_alpha, recipe_args.random_erasing_prob) == (1.0, 0.25)  # the rest of the recipe stays
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"recipe": "deit", "cutmix_alpha": 0.5, "output_dir": str(tmp_path)}))
-    _, data_args, _, recipe_args, training_args = run_sar.parse_args([str(path)])
-    assert (data_args.cutmix_alpha, data_args.mixup_alpha, recipe_args.warmup_epochs) == (0.5, 0.8, 5)
+    *_, recipe_args, training_args = parse_args([str(path)])
+    assert (recipe_args.cutmix_alpha, recipe_args.mixup_alpha, recipe_args.warmup_epochs) == (0.5, 0.8, 5)
     assert training_args.learning_rate == pytest.approx(5e-4 * 64 / 512)
 
 
@@ -217,7 +219,7 @@ def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(tmp_path):
     from tiny import TinyImages
     from transformers import TrainingArguments
 
-    from sar_hf.augmentation import MixupCutmix
+    from sar_hf.scripts.deit_recipe import MixingTrainer, MixupCutmix
 
     targets = MixupCutmix(3, mixup_alpha=1.0, label_smoothing=0.1)
 
@@ -236,7 +238,7 @@ def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(tmp_path):
             lr_scheduler_type="constant", max_grad_norm=0.0, report_to="none", save_strategy="no", use_cpu=True,
             seed=0,
         )  # fmt: skip
-        trainer = run_sar.MixingTrainer(
+        trainer = MixingTrainer(
             model=model, args=args, train_dataset=TinyImages(8), batch_mix=mix, compute_loss_func=model.sar_loss,
             callbacks=[sar_hf.SARCallback(schedule="constant")],
         )  # fmt: skip
@@ -277,7 +279,7 @@ def test_steps_per_epoch_counts_as_trainer_does(tmp_path, images, batch_size, ac
     model = sar_hf.SARViTForImageClassification(sar_hf.SARViTConfig(**TINY_CONFIG))
     trainer = Trainer(model=model, args=args, train_dataset=TinyImages(images))
     trainer.train()
-    assert run_sar.steps_per_epoch(args, images) == trainer.state.global_step
+    assert steps_per_epoch(args, images) == trainer.state.global_step
 
 
 # --------------------------------------------------------------------------------------------
@@ -633,11 +635,13 @@ def test_resume_from_a_half_written_checkpoint_is_refused(tmp_path):
 def test_checkpoint_with_other_labels_needs_ignore_mismatched_sizes(tmp_path):
     from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
 
+    from sar_hf.data import vit_image_processor_class
+
     base = tmp_path / "base"
     config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                        intermediate_size=64, num_labels=3)  # fmt: skip
     ViTForImageClassification(config).save_pretrained(base)
-    run_sar._vit_image_processor(16).save_pretrained(base)
+    vit_image_processor_class()(size={"height": 16, "width": 16}).save_pretrained(base)
     with pytest.raises(ValueError, match="classifies 3 classes and the data has 10; pass --ignore_mismatched_sizes"):
         _run(tmp_path, "--model_name_or_path", str(base))
     results, out = _run(tmp_path, "--model_name_or_path", str(base), "--ignore_mismatched_sizes", "--max_steps", "2")
@@ -649,29 +653,40 @@ def test_checkpoint_with_other_labels_needs_ignore_mismatched_sizes(tmp_path):
 def test_the_process_group_is_destroyed_at_the_end(tmp_path):
     import torch.distributed as dist
 
-    run_sar.end_distributed()  # no group: nothing to do
+    end_distributed()  # no group: nothing to do
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
-        run_sar.end_distributed()
+        end_distributed()
         assert not dist.is_initialized()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_two_processes(tmp_path):
-    """Two real processes (DDP over gloo) through the repository's Accelerate config."""
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
-    out = tmp_path / "out"
-    with socket.socket() as probe:  # a free port for the rendezvous, so that parallel runs do not collide
+def _free_port() -> str:
+    """A free port for the rendezvous, so that parallel runs do not collide."""
+    with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
+        return str(probe.getsockname()[1])
+
+
+def _launcher(name: str) -> list[str]:
+    """The launcher command of a two-process run on the CPU, up to the script."""
+    executable = shutil.which(name, path=os.path.dirname(sys.executable)) or shutil.which(name)
+    if name == "accelerate":
+        config = ROOT / "examples" / "accelerate_configs" / "two_cpu_processes.yaml"
+        return [executable, "launch", "--config_file", str(config), "--main_process_port", _free_port()]
+    return [executable, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", _free_port()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+def test_two_processes(tmp_path, launcher):
+    """`sar-hf train` as two real processes (DDP over gloo), in the form the README gives: `-m sar_hf train`."""
+    out = tmp_path / "out"
     command = [
-        accelerate, "launch",
-        "--config_file", str(ROOT / "examples" / "accelerate_configs" / "two_cpu_processes.yaml"),
-        "--main_process_port", port, str(ROOT / "examples" / "run_sar.py"),
+        *_launcher(launcher), "-m", "sar_hf", "train",
         *TINY, "--per_device_train_batch_size", "8", "--use_cpu", "--ddp_backend", "gloo", "--output_dir", str(out),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -801,8 +816,8 @@ def test_recipe_deit_end_to_end_and_reproducible(tmp_path, batches):
     for entry in logs:  # Trainer's loss: the soft cross-entropy plus λ·SE
         assert entry["loss"] == pytest.approx(entry["sar/ce_loss"] + entry["sar/weight"] * entry["sar/entropy"])
     # Evaluation sees the saved image processor's pixels, nothing else.
-    model_args, data_args, _, _, training_args = run_sar.parse_args([*TINY, "--output_dir", str(out)])
-    validation = run_sar.load_data(model_args, data_args, training_args)[0]["validation"]
+    model_args, data_args, _, _, training_args = parse_args([*TINY, "--output_dir", str(out)])
+    validation = load_data(model_args, data_args, training_args)[0]["validation"]
     processor = load_image_processor(str(out))
     expected = processor(list(validation["image"]), return_tensors="pt")["pixel_values"]
     for pixel_values, labels in evaluation[:2]:  # the epoch's evaluation, then the final one

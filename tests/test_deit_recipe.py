@@ -1,4 +1,5 @@
-"""sar_hf.augmentation: DeiT's augmentations on batches, checked against independent calculations."""
+"""sar_hf.scripts.deit_recipe: DeiT's augmentations on batches, checked against independent calculations, and
+the recipe's flags and learning-rate rule."""
 
 import numpy as np
 import pytest
@@ -6,8 +7,14 @@ import torch
 from PIL import Image as PILImage
 from scipy import stats
 
-from sar_hf.augmentation import MixupCutmix, TrainImageTransform
 from sar_hf.data import ImageTransform
+from sar_hf.scripts.deit_recipe import (
+    RECIPES,
+    MixupCutmix,
+    RecipeArguments,
+    TrainImageTransform,
+    recipe_learning_rate,
+)
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
@@ -186,10 +193,11 @@ def test_mixing_runs_on_the_device_and_draws_as_on_the_cpu():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(mixup_alpha=-0.1), "`mixup_alpha` must be a finite number >= 0"),
-        (dict(cutmix_alpha=float("inf")), "`cutmix_alpha` must be a finite number >= 0"),
-        (dict(mixup_alpha=1.0, switch_prob=1.5), r"`switch_prob` must be a probability in \[0, 1\]"),
-        (dict(mixup_alpha=1.0, label_smoothing=-0.1), r"`label_smoothing` must be a probability"),
+        (dict(mixup_alpha=-0.1), r"`mixup_alpha` must be in \[0, inf\), got -0.1"),
+        (dict(cutmix_alpha=float("inf")), r"`cutmix_alpha` must be in \[0, inf\), got inf"),
+        (dict(mixup_alpha=float("nan")), r"`mixup_alpha` must be in \[0, inf\), got nan"),
+        (dict(mixup_alpha=1.0, switch_prob=1.5), r"`switch_prob` must be in \[0, 1\], got 1.5"),
+        (dict(mixup_alpha=1.0, label_smoothing=-0.1), r"`label_smoothing` must be in \[0, 1\]"),
         (dict(), "needs `mixup_alpha` or `cutmix_alpha` above 0"),
     ],
 )
@@ -203,8 +211,8 @@ def test_bad_mixing_settings(kwargs, message):
     [
         (dict(randaugment_ops=16), r"`randaugment_ops` must be in \[0, 15\]"),
         (dict(randaugment_ops=2, randaugment_magnitude=10.5), r"`randaugment_magnitude` must be in \[0, 10\]"),
-        (dict(randaugment_magnitude_std=-1), "`randaugment_magnitude_std` must be >= 0"),
-        (dict(random_erasing_prob=1.2), r"`random_erasing_prob` must be a probability in \[0, 1\]"),
+        (dict(randaugment_magnitude_std=-1), r"`randaugment_magnitude_std` must be in \[0, inf\)"),
+        (dict(random_erasing_prob=1.2), r"`random_erasing_prob` must be in \[0, 1\]"),
     ],
 )
 def test_bad_image_augmentation_settings(kwargs, message):
@@ -229,3 +237,36 @@ def test_batch_operations_run_on_one_cpu_thread_and_restore_the_thread_count(mon
         assert seen == [1, 1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_learning_rate_scales_with_the_global_batch():
+    """5e-4 for 512 images a step, whatever splits them: devices, processes, accumulated batches."""
+    from types import SimpleNamespace
+
+    for per_device, processes, accumulation in [(512, 1, 1), (64, 8, 1), (16, 8, 4), (128, 1, 4)]:
+        args = SimpleNamespace(
+            per_device_train_batch_size=per_device, world_size=processes, gradient_accumulation_steps=accumulation
+        )
+        assert recipe_learning_rate("deit", args) == pytest.approx(5e-4)
+    args = SimpleNamespace(per_device_train_batch_size=64, world_size=2, gradient_accumulation_steps=1)
+    assert recipe_learning_rate("deit", args) == pytest.approx(1.25e-4)
+
+
+def test_recipe_arguments_build_the_augmentations_they_name():
+    """Every flag reaches the transform and the mixing it builds (none parsed and then dropped)."""
+    values = {key: value for key, value in RECIPES["deit"].items() if key in RecipeArguments.__dataclass_fields__}
+    recipe = RecipeArguments(**{**values, "mixup_switch_prob": 0.3, "randaugment_magnitude": 7.0})
+    assert recipe.mixes_batches and not RecipeArguments().mixes_batches
+    transform = recipe.train_transform(ImageTransform((16, 16), MEAN, STD))
+    assert (transform.randaugment.n, transform.magnitude, transform.magnitude_std) == (2, 7.0, 0.5)
+    assert transform.erasing.p == 0.25
+    mix = recipe.batch_mix(10, label_smoothing=0.1)
+    assert (mix.switch_prob, mix.label_smoothing, mix.num_classes) == (0.3, 0.1, 10)
+    assert mix.mixup_lambda.concentration0 == pytest.approx(0.8) and mix.cutmix is not None
+    assert RecipeArguments(cutmix_alpha=1.0).batch_mix(3, 0.0).switch_prob == 1.0  # cutmix alone: always cutmix
+
+
+def test_the_old_import_path_keeps_working():
+    import sar_hf.augmentation as old
+
+    assert (old.MixupCutmix, old.TrainImageTransform) == (MixupCutmix, TrainImageTransform)
