@@ -194,7 +194,7 @@ def test_sar_trainer_model_card(tmp_path):
         assert f"- {tag}\n" in header, tag
     assert "https://arxiv.org/abs/2206.04636" in card
     assert "peak λ (`sar_weight`): 0.02" in card
-    assert "λ schedule: warmup_cosine (step), warm-up epochs: 3" in card
+    assert "- λ schedule: linear warm-up over 3 epochs, then cosine decay to 0 (λ updated per step)\n" in card
     assert "- `sar_layer`: 0" in card
     assert "- `sar_no_skip_no_norm`: True" in card
     assert sar_hf.__name__ in card

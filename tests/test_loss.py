@@ -5,6 +5,9 @@ spatial entropy from the eager twin's attention maps in float64 (`references.py`
 distillation token) on 16x24 images (a 4x6 grid) stands for the generic path.
 """
 
+import math
+import re
+
 import pytest
 import torch
 from references import eager_cls_log_probs, eager_twin, reference_entropy
@@ -138,6 +141,28 @@ def test_bad_settings_are_value_errors(kwargs, match):
         SpatialEntropyLoss(deit(), **kwargs)
 
 
+@pytest.mark.parametrize("weight", [-1.0, math.nan, math.inf])
+@pytest.mark.parametrize("where", ["loss", "schedule", "config"])
+def test_a_bad_weight_is_a_value_error_when_training_reads_it_wherever_it_was_set(where, weight):
+    from sar_hf import SARViTConfig, SARViTForImageClassification
+
+    pixel_values, labels = batch()
+    if where == "config":  # the SAR ViT reads `config.sar_weight` at every step
+        model = SARViTForImageClassification(SARViTConfig(**TINY)).train()
+        model.config.sar_weight = weight
+    else:
+        model = deit()
+        SpatialEntropyLoss(model, sar_weight=WEIGHT)
+        setattr(model.sar_loss, "sar_weight" if where == "loss" else "scheduled_sar_weight", weight)
+    with torch.no_grad():  # evaluation reads no λ
+        model.eval()(pixel_values, labels=labels, interpolate_pos_encoding=True)
+    model.train()
+    with pytest.raises(ValueError, match=r"`sar_weight` must be a finite number >= 0"):
+        model(pixel_values, labels=labels, interpolate_pos_encoding=True)  # the term joins the model's loss
+    with pytest.raises(ValueError, match=r"`sar_weight` must be a finite number >= 0"):
+        model(pixel_values, interpolate_pos_encoding=True)  # the guard reads λ at the end of the pass
+
+
 # -- edges pinned by mutation testing (issue 12) -----------------------------------------------------
 
 
@@ -211,6 +236,11 @@ def test_scores_without_a_gradient_in_training_are_warned_about(monkeypatch):
     model(pixel_values, interpolate_pos_encoding=True)  # frozen weights: the scores carry no gradient
     loss_fn.penalty(labels)
     assert len(warnings) == 1 and "no gradient" in warnings[0]
+    # It recommends a training argument of the installed Transformers that is not a deprecated alias.
+    from transformers import TrainingArguments
+
+    argument = re.search(r"TrainingArguments\((\w+)=\{'use_reentrant': False\}\)", warnings[0]).group(1)
+    assert "deprecated" not in TrainingArguments.__dataclass_fields__[argument].metadata["help"].lower()
 
 
 def test_soft_targets_are_counted_per_class_with_fewer_images_than_classes():

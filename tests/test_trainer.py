@@ -18,6 +18,18 @@ def make_model(seed: int = 0, **settings) -> SARViTForImageClassification:
     return SARViTForImageClassification(SARViTConfig(**TINY, **{"sar_weight": 0.5, **settings}))
 
 
+def make_deit(weight: float = 0.5):
+    """A DeiT classifier given `SpatialEntropyLoss`: the path of every ViT-family model but ViT."""
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    from sar_hf import SpatialEntropyLoss
+
+    torch.manual_seed(0)
+    model = DeiTForImageClassification(DeiTConfig(**TINY))
+    SpatialEntropyLoss(model, sar_weight=weight)
+    return model
+
+
 def make_args(tmp_path, **overrides) -> TrainingArguments:
     settings = {
         "output_dir": str(tmp_path),
@@ -272,18 +284,10 @@ def test_the_term_is_added_to_the_loss_trainer_computes(tmp_path, setting, model
     """Each step's logged loss equals the setting's loss plus λ·SE, both computed here on a copy
     of the model taken before the step (one batch holds the whole dataset, so every step sees it)."""
     from references import eager_cls_log_probs, eager_twin, reference_entropy
-    from transformers import DeiTConfig, DeiTForImageClassification
-
-    from sar_hf import SpatialEntropyLoss
 
     overrides, loss_func, dataset_class = SETTINGS[setting]
     dataset = dataset_class(4)
-    if model_kind == "deit":
-        torch.manual_seed(0)
-        model = DeiTForImageClassification(DeiTConfig(**TINY))
-        SpatialEntropyLoss(model, sar_weight=0.5)
-    else:
-        model = make_model()
+    model = make_deit() if model_kind == "deit" else make_model()
     expected = []
 
     class Reference(TrainerCallback):
@@ -313,25 +317,72 @@ def test_the_term_is_added_to_the_loss_trainer_computes(tmp_path, setting, model
         assert entry["sar/entropy"] > 0 and entry["sar/weight"] == 0.5
 
 
-def test_a_plain_trainer_that_would_drop_the_term_is_an_error(tmp_path):
-    smoothing = Trainer(
-        model=make_model(),
-        args=make_args(tmp_path, label_smoothing_factor=0.1),
+@pytest.mark.parametrize("with_callback", [False, True], ids=["alone", "with-sar-callback"])
+@pytest.mark.parametrize("model_kind", ["sar-vit", "deit"])
+@pytest.mark.parametrize("setting", ["label_smoothing", "custom_loss"])
+def test_a_plain_trainer_that_would_drop_the_term_stops_before_its_first_step(
+    tmp_path, setting, model_kind, with_callback
+):
+    """Label smoothing or a `compute_loss_func`: Trainer calls the model without labels and computes the
+    loss itself, and a plain Trainer adds no term. The first backward stops with the three ways."""
+    overrides, loss_func, _ = SETTINGS[setting]
+    model = make_model() if model_kind == "sar-vit" else make_deit()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = Trainer(
+        model=model,
+        args=make_args(tmp_path, **overrides),
         train_dataset=TinyImages(),
-        callbacks=[SARCallback()],
+        compute_loss_func=loss_func,
+        callbacks=[SARCallback(schedule="constant")] if with_callback else [],
     )
-    with pytest.raises(ValueError, match="Use `sar_hf.SARTrainer`"):
-        smoothing.train()
-    custom = Trainer(
-        model=make_model(),
-        args=make_args(tmp_path),
+    with pytest.raises(RuntimeError, match=r"lacks the SAR term.*labels.*compute_loss_func.*SARTrainer"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("weight", [-1.0, math.nan, math.inf])
+def test_a_bad_weight_set_on_the_config_after_building_stops_training(tmp_path, weight):
+    model = make_model()
+    model.config.sar_weight = weight
+    trainer = SARTrainer(model=model, args=make_args(tmp_path), train_dataset=TinyImages())
+    with pytest.raises(ValueError, match="`sar_weight` must be a finite number >= 0"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_predict_reports_the_entropy_and_passes_outside_a_phase_reach_no_figure(tmp_path):
+    """Passes before training, between evaluations and after them (here, in both modes, on other
+    images) count nowhere; `predict` reports its own entropy under its prefix, and leaves nothing
+    for the next `evaluate`. Each data set is one batch: its figure is that pass's entropy."""
+    model = make_model()
+    val, other = TinyImages(4, seed=1), TinyImages(4, seed=2)
+
+    def outside(data):
+        """Passes of one's own; returns the entropy of `data` in evaluation mode."""
+        model.train()(data.pixel_values, labels=data.labels)
+        model.eval()
+        with torch.no_grad():
+            return model(data.pixel_values, labels=data.labels).spatial_entropy.item()
+
+    outside(other)
+    trainer = SARTrainer(
+        model=model,
+        args=make_args(tmp_path, num_train_epochs=1),
         train_dataset=TinyImages(),
-        compute_loss_func=squared_error,
-        callbacks=[SARCallback()],
+        eval_dataset=val,
+        callbacks=[SARCallback(schedule="constant")],
     )
-    with pytest.raises(RuntimeError, match="without the SAR term"):
-        custom.train()
-    assert custom.state.global_step == 1  # stopped at the end of the first step
+    trainer.train()
+    first = train_logs(trainer)[0]  # the first window holds the first step's pass only
+    assert first["loss"] == pytest.approx(first["sar/ce_loss"] + 0.5 * first["sar/entropy"], abs=1e-5)
+
+    expected_other, expected_val = outside(other), outside(val)
+    assert trainer.predict(other).metrics["test_sar/entropy"] == pytest.approx(expected_other, abs=1e-5)
+    outside(TinyImages(4, seed=3))
+    holdout = trainer.predict(other, metric_key_prefix="holdout").metrics
+    assert holdout["holdout_sar/entropy"] == pytest.approx(expected_other, abs=1e-5)
+    assert trainer.evaluate()["eval_sar/entropy"] == pytest.approx(expected_val, abs=1e-5)
 
 
 def test_sar_trainer_needs_a_model_with_a_sar_loss(tmp_path):
@@ -439,7 +490,7 @@ def test_model_card_tags_schedule_and_settings(tmp_path):
     header = card.split("---")[1]
     assert header.count("- sar\n") == 1 and "- my-tag\n" in header and "- spatial-entropy\n" in header
     assert "peak λ (`sar_weight`): 0.5" in card  # before training: the model's configured weight
-    assert "λ schedule: custom (auto), warm-up epochs: None" in card
+    assert "- λ schedule: custom\n" in card
     assert "- `sar_layer`: -1\n" in card and "- `sar_no_skip_no_norm`: False\n" in card
 
 
@@ -459,7 +510,9 @@ def test_model_card_passes_trainers_arguments_and_a_single_tag(tmp_path):
     assert "language:\n- fr\n" in header and "- my-tag\n" in header and "- sar\n" in header
     assert "tiny-sar" in card
     assert "peak λ (`sar_weight`): 0.02" in card  # the callback's peak over the model's 0.5
-    assert "λ schedule: warmup_cosine (auto)" in card
+    # The run asks for 2 epochs: a warm-up of a tenth of them, λ set per step (runs under 10 epochs).
+    assert "- λ schedule: linear warm-up over 0.2 epochs, then cosine decay to 0 (λ updated per step)\n" in card
+    assert "None" not in card.split("## Spatial-entropy regularisation (SAR)")[1]
 
 
 def test_model_card_of_a_model_without_sar_settings_in_its_config(tmp_path):
