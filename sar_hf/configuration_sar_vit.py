@@ -67,6 +67,17 @@ class SARViTConfig(ViTConfig):
         self.check_sar_settings()
 
     @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """[`PreTrainedConfig.get_config_dict`], with a plain ViT checkpoint's config read as a SAR one.
+        Every ViT setting means the same here, so the config takes this class's `model_type`, and
+        Transformers does not warn that a `vit` config instantiates a `sar-vit` model: that is the
+        recommended start, `SARViTForImageClassification.from_pretrained("google/vit-...")`."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == ViTConfig.model_type:
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
+    @classmethod
     def from_dict(cls, config_dict, **kwargs):
         """[`PreTrainedConfig.from_dict`], then the SAR checks. Transformers sets the overrides given to
         `from_pretrained` (of this class, of `AutoConfig` and of the models) after `__post_init__`, so

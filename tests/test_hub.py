@@ -19,8 +19,10 @@ from transformers import (
     ViTForImageClassification,
     ViTImageProcessor,
     ViTModel,
+    configuration_utils,
     pipeline,
 )
+from transformers.testing_utils import CaptureLogger
 
 import sar_hf
 from sar_hf import SARCallback, SARTrainer, SARViTConfig, SARViTForImageClassification, SARViTModel
@@ -158,7 +160,10 @@ def test_sar_model_from_a_plain_vit_checkpoint(tmp_path):
     plain = ViTForImageClassification(ViTConfig(**TINY)).eval()
     plain.save_pretrained(tmp_path)
 
-    model, info = SARViTForImageClassification.from_pretrained(tmp_path, sar_weight=0.05, output_loading_info=True)
+    # The recommended start says nothing about a `vit` config instantiating a `sar-vit` model.
+    with CaptureLogger(configuration_utils.logger) as log:
+        model, info = SARViTForImageClassification.from_pretrained(tmp_path, sar_weight=0.05, output_loading_info=True)
+    assert "to instantiate a model of type" not in log.out
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert isinstance(model.config, SARViTConfig) and model.config.sar_weight == 0.05
     plain_state = plain.state_dict()
