@@ -19,21 +19,26 @@ Usage:
     python benchmarks/bench_loss.py --device cuda --compile   # GPU (benchmarks/run_gpu.sh), ..._cuda.{md,json}
     python benchmarks/bench_loss.py --repeats 3 --no-smooth --no-sweep   # a quick look
 
-Each row alternates the two implementations in one process and reports the median of
-`--repeats` timed runs after one warm-up. "Labels" columns time the labelling alone
-(`sar_hf.connected_components`, both algorithms), for information. On CUDA, "host syncs" counts
-the synchronisations of one `spatial_entropy` forward + backward (`torch.cuda.set_sync_debug_mode`),
-and `--compile` adds `torch.compile` and CUDA-graph timings at one shape.
+Each row alternates the implementations in one process and reports the median of `--repeats`
+timed runs after one warm-up: the reference, `spatial_entropy` with its default (`auto`) labelling,
+and `spatial_entropy` with each labelling algorithm the device runs (scipy and propagation; Triton
+on CUDA when it is installed). "Labels" columns time the labelling alone
+(`sar_hf.connected_components`), for information. On CUDA, each algorithm's row also counts the
+kernels launched by one forward + backward (`torch.profiler`) and the host synchronisations
+(`torch.cuda.set_sync_debug_mode`, with the Python line that caused each), and `--compile` adds
+`torch.compile` and CUDA-graph timings at one shape.
 """
 
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import os
 import platform
 import statistics
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -181,58 +186,104 @@ def wait_for_quiet(max_wait_s: float, threshold: float = 0.9) -> float:
     return idle
 
 
+def algorithms_on(device: str) -> list[str]:
+    """The labelling algorithms that `spatial_entropy` runs on `device`."""
+    has_triton = device == "cuda" and importlib.util.find_spec("triton") is not None
+    return ["scipy", "propagation", *(["triton"] if has_triton else [])]
+
+
 def bench_shape(shape, smooth: bool, device: str, repeats: int, max_wait_s: float = 0.0) -> dict:
     grid = shape[2:]
     idle = wait_for_quiet(max_wait_s) if max_wait_s > 0 else None
     scores = make_scores(shape, smooth, device)
     mask = (scores > scores.mean(dim=-1, keepdim=True)).reshape(-1, *grid)
-    ours = lambda s: sar_hf.spatial_entropy(s, grid)  # noqa: E731
-    ref = lambda s: reference_spatial_entropy(s, grid)  # noqa: E731
-    times = {"reference": [], "sar_hf": [], "labels_scipy": [], "labels_propagation": [], "labels_reference": []}
-    for i in range(repeats + 1):  # the first round warms up and is dropped
-        t_ref, loss_ref = _time_loss(ref, scores, device)
-        t_ours, loss_ours = _time_loss(ours, scores, device)
-        t_scipy = _time_labels(mask, "scipy", device)
-        t_prop = _time_labels(mask, "propagation", device)
-        t_ref_labels = _time_reference_labels(mask)
-        if i:
-            for key, t in zip(times, (t_ref, t_ours, t_scipy, t_prop, t_ref_labels), strict=True):
-                times[key].append(t)
+    algorithms = algorithms_on(device)
+    losses = {
+        "reference": lambda s: reference_spatial_entropy(s, grid),
+        "sar_hf": lambda s: sar_hf.spatial_entropy(s, grid),  # the default, "auto"
+        **{f"sar_hf_{a}": lambda s, a=a: sar_hf.spatial_entropy(s, grid, algorithm=a) for a in algorithms},
+    }
+    labellers = {f"labels_{a}": lambda a=a: _time_labels(mask, a, device) for a in algorithms}
+    labellers["labels_reference"] = lambda: _time_reference_labels(mask)
+    times = {key: [] for key in [*losses, *labellers]}
+    values = {}
+    for _ in range(repeats + 1):  # the first round warms up and is dropped (below)
+        for key, fn in losses.items():
+            t, values[key] = _time_loss(fn, scores, device)
+            times[key].append(t)
+        for key, fn in labellers.items():
+            times[key].append(fn())
     labels = sar_hf.connected_components(mask.cpu(), 8, algorithm="scipy")
     regions = labels.amax(dim=(-2, -1)).double()
-    median = {key: statistics.median(values) for key, values in times.items()}
-    return {
+    median = {key: statistics.median(runs[1:]) for key, runs in times.items()}
+    loss_ref = values["reference"]
+    row = {
         "shape": list(shape),
         "scores": "smooth" if smooth else "noise",
         "mean_regions_per_map": regions.mean().item(),
         "loss_reference": loss_ref,
-        "loss_sar_hf": loss_ours,
-        "loss_rel_diff": abs(loss_ours - loss_ref) / max(abs(loss_ref), 1e-12),
+        "loss_sar_hf": values["sar_hf"],
+        "loss_rel_diff": abs(values["sar_hf"] - loss_ref) / max(abs(loss_ref), 1e-12),
         **{f"{key}_ms": 1e3 * value for key, value in median.items()},
         "speedup": median["reference"] / median["sar_hf"],
         # The most any exact implementation could gain if all but its labelling were free, with the
         # faster of the two labellers at hand (one scipy call, or the reference's own OpenCV loop).
         "labelling_ceiling": median["reference"] / min(median["labels_scipy"], median["labels_reference"]),
-        "propagation_equals_scipy": torch.equal(
-            sar_hf.connected_components(mask, 8, algorithm="propagation").cpu(), labels
-        ),
-        "host_syncs": count_host_syncs(ours, scores) if device == "cuda" else None,
         "runs": repeats,
         "cpu_idle_before": idle,
+        "algorithms": {},
     }
+    for a in algorithms:
+        fn = losses[f"sar_hf_{a}"]
+        row["algorithms"][a] = {
+            "ms": 1e3 * median[f"sar_hf_{a}"],
+            "loss_rel_diff": abs(values[f"sar_hf_{a}"] - loss_ref) / max(abs(loss_ref), 1e-12),
+            "labels_equal_scipy": torch.equal(sar_hf.connected_components(mask, 8, algorithm=a).cpu(), labels),
+            "kernel_launches": count_kernel_launches(fn, scores) if device == "cuda" else None,
+            **(host_syncs(fn, scores) if device == "cuda" else {"host_syncs": None, "host_sync_sites": []}),
+        }
+    return row
 
 
-def count_host_syncs(fn, scores: torch.Tensor) -> int:
-    """Synchronisations of one CUDA forward + backward of `fn`, as `torch.cuda.set_sync_debug_mode` reports them."""
+def _forward_backward(fn, scores: torch.Tensor):
+    """A callable running one forward + backward of `fn` on a fresh leaf, its gradient seed made beforehand
+    (so that the seed's own fill kernel is not counted)."""
     leaf = scores.detach().clone().requires_grad_()
-    with warnings.catch_warnings(record=True) as caught:
+    seed = torch.ones((), device=scores.device)
+    return lambda: torch.autograd.grad(fn(leaf), leaf, seed)
+
+
+def count_kernel_launches(fn, scores: torch.Tensor) -> int:
+    """GPU kernels (and memsets/copies) run by one forward + backward of `fn`, from `torch.profiler`."""
+    step = _forward_backward(fn, scores)
+    step()  # anything lazy (Triton's compilation, cuBLAS handles) happens outside the count
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        step()
+        torch.cuda.synchronize()
+    return sum(event.device_type == torch.autograd.DeviceType.CUDA for event in profile.events())
+
+
+def host_syncs(fn, scores: torch.Tensor) -> dict:
+    """Synchronisations of one CUDA forward + backward of `fn`, as `torch.cuda.set_sync_debug_mode` reports
+    them, each with the innermost Python lines of the package or torch that caused it."""
+    step = _forward_backward(fn, scores)
+    sites = []
+
+    def where(message, *args, **kwargs):
+        if "synchroniz" in str(message):
+            frames = traceback.extract_stack()[:-1]
+            sites.append(" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.line}" for f in frames[-3:][::-1]))
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = where
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            fn(leaf).backward()
+            step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return {"host_syncs": len(sites), "host_sync_sites": sites}
 
 
 def bench_compiled(shape, device: str, repeats: int) -> list[dict]:
@@ -294,15 +345,31 @@ def machine_info(device: str) -> dict:
 
 def _row(r: dict) -> str:
     b, h, gh, gw = r["shape"]
-    syncs = "–" if r.get("host_syncs") is None else r["host_syncs"]
     return (
         f"| {b}×{h}, {gh}×{gw} | {r['scores']} | {r['mean_regions_per_map']:.1f} | {r['reference_ms']:.1f} "
         f"| {r['sar_hf_ms']:.2f} | **{r['speedup']:.1f}×** | {r['labels_scipy_ms']:.2f} "
         f"| {r['labels_propagation_ms']:.2f} | {r['labels_reference_ms']:.2f} | {r['labelling_ceiling']:.1f}× "
-        f"| {'yes' if r['propagation_equals_scipy'] else '**no**'} "
-        f"| {r['loss_rel_diff']:.0e} | {syncs} "
+        f"| {r['loss_rel_diff']:.0e} "
         f"| {'–' if r['cpu_idle_before'] is None else format(r['cpu_idle_before'], '.0%')} |"
     )
+
+
+def _algorithm_row(r: dict) -> str:
+    b, h, gh, gw = r["shape"]
+    cells = []
+    for a in ALL_ALGORITHMS:
+        one = r["algorithms"].get(a)
+        if one is None:
+            cells.append("– | – | – | –")
+            continue
+        launches = "–" if one["kernel_launches"] is None else one["kernel_launches"]
+        syncs = "–" if one["host_syncs"] is None else one["host_syncs"]
+        same = "yes" if one["labels_equal_scipy"] else "**no**"
+        cells.append(f"{one['ms']:.3f} | {launches} | {syncs} | {same}")
+    return f"| {b}×{h}, {gh}×{gw} | {r['scores']} | " + " | ".join(cells) + " |"
+
+
+ALL_ALGORITHMS = ("scipy", "propagation", "triton")
 
 
 def _compiled_row(r: dict) -> str:
@@ -320,8 +387,14 @@ def to_markdown(results: dict) -> str:
     header = (
         "| B×heads, grid | scores | regions/map | reference (ms) | sar_hf (ms) | speedup "
         "| labels scipy (ms) | labels propagation (ms) | labels reference (ms) | labelling ceiling "
-        "| propagation = scipy | loss rel. diff | host syncs | CPU idle before |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
+        "| loss rel. diff | CPU idle before |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    per_algorithm = (
+        "| B×heads, grid | scores | "
+        + " | ".join(f"{a} (ms) | {a} launches | {a} host syncs | {a} labels = scipy" for a in ALL_ALGORITHMS)
+        + " |\n|---|---|"
+        + "---:|---:|---:|---|" * len(ALL_ALGORITHMS)
     )
     lines = [
         f"# `spatial_entropy` forward + backward, {results['device']}",
@@ -339,20 +412,33 @@ def to_markdown(results: dict) -> str:
         "(`BlobLoss`): the mean, mask and relu batched; each map labelled on the CPU by "
         f"{info['reference_labeller']} in a Python loop; one dense 0/1 mask per region; one gathered "
         "batched sum. *sar_hf*: `sar_hf.spatial_entropy` (the `auto` labelling: one `scipy.ndimage.label` "
-        "call for all maps of a CPU tensor, propagation on GPUs). Float32 scores, 8-connectivity. "
+        "call for all maps of a CPU tensor; on CUDA the fused Triton kernels when Triton is installed, "
+        "propagation otherwise). Float32 scores, 8-connectivity. "
         "*noise*: standard normal scores (many small regions); *smooth*: the same scores blurred with a "
         "Gaussian of σ = side/8 (a few blobs per map, like trained attention). The *labels* columns time "
         "`sar_hf.connected_components` alone, for information, and *labels reference* the reference's own "
         "labelling loop alone. *labelling ceiling* = reference / the faster of those two labellings: the "
         "speedup an exact implementation would reach if everything but its labelling cost nothing. "
-        "*propagation = scipy* checks that the two algorithms give identical labels; *host syncs* counts "
-        "the synchronisations of one sar_hf forward + backward on CUDA.",
+        "The per-algorithm table times `spatial_entropy(..., algorithm=a)` forward + backward in the same "
+        "rounds; on CUDA it counts the GPU kernels (and memsets/copies) of one forward + backward "
+        "(`torch.profiler`) and its host synchronisations; *labels = scipy* checks that the algorithm gives "
+        "scipy's labels exactly.",
         "",
         "## Listed shapes",
         "",
         header,
         *[_row(r) for r in results["shapes"]],
+        "",
+        "### Per algorithm",
+        "",
+        per_algorithm,
+        *[_algorithm_row(r) for r in results["shapes"]],
     ]
+    sites = sorted(
+        {(a, site) for r in results["shapes"] for a, one in r["algorithms"].items() for site in one["host_sync_sites"]}
+    )
+    if sites:
+        lines += ["", "Host synchronisations, where they happened:", "", *[f"- {a}: `{site}`" for a, site in sites]]
     if results["sweep"]:
         b, h = SWEEP_BATCH
         lines += ["", f"## Grid side sweep at B×heads = {b}×{h}", "", header, *[_row(r) for r in results["sweep"]]]

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 11 in one run (a few minutes on an H100):
-#   1. benchmarks/bench_loss.py: spatial_entropy forward + backward against the authors' structure at the
-#      listed shapes, noise and smooth scores, with the host syncs per call
-#      (torch.cuda.set_sync_debug_mode), labels checked against scipy, and torch.compile / CUDA-graph
-#      timings at 256x6, 14x14;
-#   2. benchmarks/bench_step.py: the training-step ratio of SAR against plain SDPA for ViT-S/16 and
-#      DeiT-S at 224 px under bf16 autocast.
+# Every GPU measurement of issue 19 in one run, within 9 minutes on one H100/H200 (each section has its
+# own time limit, so a slow section loses its own figures, not the others'):
+#   1. benchmarks/bench_loss.py: spatial_entropy forward + backward at the listed shapes, noise and smooth
+#      scores, against the authors' structure, with every labelling algorithm (scipy, propagation, the
+#      fused Triton kernels): median times, kernel launches per forward + backward (torch.profiler), host
+#      syncs (torch.cuda.set_sync_debug_mode, with the line that caused each), labels against scipy's; and
+#      torch.compile / CUDA-graph timings at 256x6, 14x14 (Triton's and compile's warm-up included);
+#   2. benchmarks/bench_step.py: the training-step ratio of SAR against plain SDPA under bf16 autocast, for
+#      ViT-S/16, DeiT-S/16 and DINOv2-S/14 (4 registers) at 224 px, batch 16 (with peak memory) and 64.
+# Each section prints its wall time. Targets (issue 19): loss forward + backward <= 0.1 ms at 256x6, 14x14;
+# step <= 1.02x plain at batch 16, <= 1.01x at batch 64; peak memory <= 1.01x.
 #
 # Usage:
 #   benchmarks/run_gpu.sh                         # on a GPU machine; results in benchmarks/results/
-#   benchmarks/run_gpu.sh --out "$OUT"            # results elsewhere (bench_loss only; bench_step keeps its own)
+#   benchmarks/run_gpu.sh --out "$OUT"            # results elsewhere
 #   benchmarks/run_gpu.sh --device cpu --quick --no-step   # the same steps on tiny settings (tests/test_entropy.py)
 # PYTHON picks the interpreter (default: .venv/bin/python if present, else python).
 set -euo pipefail
@@ -41,15 +45,33 @@ if device == "cuda":
 print()
 PYEOF
 
-echo "== 1. spatial_entropy against the authors' structure"
+failed=0
+section() {  # TITLE SECONDS COMMAND...: run COMMAND within SECONDS and print its wall time; a failure
+    # is reported and the next section still runs (the script's exit status then says so)
+    local title="$1" limit="$2" start=$SECONDS status=0
+    shift 2
+    echo "== $title (limit ${limit} s)"
+    timeout --kill-after 10 "$limit" "$@" || status=$?
+    [ "$status" = 0 ] || { echo "!! $title: exit status $status (124: timed out)"; failed=1; }
+    echo "== $title: $((SECONDS - start)) s"
+}
+
 if [ "$QUICK" = 1 ]; then
-    "$PY" benchmarks/bench_loss.py --device "$DEVICE" --out "$OUT_DIR" --repeats 1 --no-sweep \
+    section "1. spatial_entropy, every algorithm, against the authors' structure" 300 \
+        "$PY" benchmarks/bench_loss.py --device "$DEVICE" --out "$OUT_DIR" --repeats 1 --no-sweep \
         --shapes 2x3x6x5 --compile 2x3x6x5
 else
-    "$PY" benchmarks/bench_loss.py --device "$DEVICE" --out "$OUT_DIR" --repeats 10 --no-sweep --compile
+    section "1. spatial_entropy, every algorithm, against the authors' structure" 200 \
+        "$PY" benchmarks/bench_loss.py --device "$DEVICE" --out "$OUT_DIR" --repeats 10 --no-sweep --compile
 fi
 
 if [ "$STEP" = 1 ]; then
-    echo "== 2. training step: SAR against plain SDPA, bf16 autocast"
-    "$PY" benchmarks/bench_step.py --device "$DEVICE" --bf16 --models vit_s16 deit_s16
+    models=(vit_s16 deit_s16 dinov2_s14_reg4)
+    section "2a. training step, batch 16, bf16 autocast, with peak memory" 150 \
+        "$PY" benchmarks/bench_step.py --device "$DEVICE" --bf16 --batch 16 --repeats 20 --models "${models[@]}" \
+        --output "$OUT_DIR/bench_step_${DEVICE}_b16"
+    section "2b. training step, batch 64, bf16 autocast" 150 \
+        "$PY" benchmarks/bench_step.py --device "$DEVICE" --bf16 --batch 64 --repeats 20 --no-memory \
+        --models "${models[@]}" --output "$OUT_DIR/bench_step_${DEVICE}_b64"
 fi
+exit $failed

@@ -140,10 +140,13 @@ def _entropy_backward_op_fake(grad, skipped, weight, advantage, dtype):
 def _setup_context(ctx, inputs, output):
     _, skipped, weight, advantage = output
     ctx.save_for_backward(skipped, weight, advantage)
+    ctx.set_materialize_grads(False)  # no zero gradients filled in (launched) for the internal outputs
     ctx.dtype = inputs[0].dtype
 
 
 def _backward(ctx, grad, *_):
+    if grad is None:  # only the internal outputs were used
+        return None, None, None, None, None
     skipped, weight, advantage = ctx.saved_tensors
     return _entropy_backward_op(grad, skipped, weight, advantage, ctx.dtype), None, None, None, None
 

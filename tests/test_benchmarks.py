@@ -25,6 +25,11 @@ def test_bench_loss_agrees_with_its_reference(tmp_path, monkeypatch):
         ([3, 2, 5, 7], "noise"), ([3, 2, 5, 7], "smooth"), ([16, 6, 4, 4], "noise"), ([16, 6, 4, 4], "smooth"),
     ]  # fmt: skip
     assert all(row["loss_rel_diff"] < 1e-5 and row["speedup"] > 0 and row["labelling_ceiling"] > 0 for row in rows)
+    for row in rows:  # every algorithm the CPU runs, timed beside the reference, with scipy's labels
+        assert set(row["algorithms"]) == {"scipy", "propagation"}
+        assert all(
+            a["ms"] > 0 and a["loss_rel_diff"] < 1e-5 and a["labels_equal_scipy"] for a in row["algorithms"].values()
+        )
     assert "| 3×2, 5×7 | noise |" in (tmp_path / "bench_loss_cpu.md").read_text()
 
 

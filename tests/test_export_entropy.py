@@ -19,14 +19,14 @@ GRID = (7, 5)
 class ScoreHead(torch.nn.Module):
     """A tiny linear layer that scores a grid for each head, then its spatial entropy."""
 
-    def __init__(self, features=6, heads=3, return_skipped=False):
+    def __init__(self, features=6, heads=3, return_skipped=False, algorithm="auto"):
         super().__init__()
-        self.heads, self.return_skipped = heads, return_skipped
+        self.heads, self.return_skipped, self.algorithm = heads, return_skipped, algorithm
         self.linear = torch.nn.Linear(features, heads * GRID[0] * GRID[1])
 
     def forward(self, x):
         scores = self.linear(x).reshape(x.shape[0], self.heads, -1)
-        return sar_hf.spatial_entropy(scores, GRID, return_skipped=self.return_skipped)
+        return sar_hf.spatial_entropy(scores, GRID, algorithm=self.algorithm, return_skipped=self.return_skipped)
 
 
 def loss_and_grads(module, x):

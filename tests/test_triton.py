@@ -1,0 +1,348 @@
+"""The Triton kernels (`sar_hf.triton_kernels`) against scipy's labels and the float64 reference loss.
+
+Without a GPU they run in Triton's interpreter (set up in conftest.py), one program after another
+on CPU tensors, so the maps here are few; `test_kernels_compile_for_a_gpu` builds the real GPU
+binaries, which the interpreter never does.
+"""
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from test_components import (
+    ADVERSARIAL,
+    ADVERSARIAL_GRIDS,
+    CONNECTIVITIES,
+    assert_same_partition,
+    random_mask,
+    reference_labels,
+)
+from test_entropy import SHAPES, assert_matches_reference, reference, scores_for
+from test_export_entropy import assert_same_loss_and_grads, model_and_input
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sar_hf import components, connected_components, spatial_entropy
+
+triton = pytest.importorskip("triton")
+triton_kernels = pytest.importorskip("sar_hf.triton_kernels")
+
+KERNELS = ("_label_kernel", "_entropy_kernel", "_reduce_kernel", "_entropy_backward_kernel")
+
+# -- labels -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("connectivity", CONNECTIVITIES)
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL))
+def test_adversarial_masks_match_scipy(name, connectivity):
+    # Snakes, spirals, checkerboards, diagonals, stripes, empty and full, from 1x1 to 64x64 and 1xn, nx1.
+    for grid in ADVERSARIAL_GRIDS:
+        mask = ADVERSARIAL[name](*grid)
+        labels, count = connected_components(torch.from_numpy(mask), connectivity, "triton", return_counts=True)
+        assert_same_partition(labels, mask, connectivity)
+        assert count.item() == reference_labels(mask, connectivity).max()
+
+
+@pytest.mark.parametrize("connectivity", CONNECTIVITIES)
+@pytest.mark.parametrize("grid", [(14, 14), (7, 13), (1, 17), (17, 1), (64, 64)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_random_masks_get_scipys_labels(grid, connectivity):
+    # Every density from empty to full in one batch [2, 6, gh, gw]; both number regions in raster
+    # order of their first pixel, so the labels are not only the same partition but equal.
+    rng = np.random.default_rng(grid[0] * 100 + grid[1])
+    densities = np.linspace(0, 1, 12).reshape(2, 6, 1, 1)
+    mask = torch.from_numpy(rng.random((2, 6, *grid)) < densities)
+    labels, counts = connected_components(mask, connectivity, "triton", return_counts=True)
+    assert_same_partition(labels, mask.numpy(), connectivity)
+    expected, expected_counts = connected_components(mask, connectivity, "scipy", return_counts=True)
+    assert torch.equal(labels, expected) and torch.equal(counts, expected_counts)
+
+
+def test_one_launch_labels_every_map(monkeypatch):
+    launches = count_launches(monkeypatch)
+    connected_components(torch.from_numpy(random_mask(np.random.default_rng(1), (3, 4, 9, 9), 0.5)), 8, "triton")
+    assert launches == ["_label_kernel"]
+
+
+def test_grids_beyond_the_kernels_fall_back_to_propagation_once(monkeypatch, caplog):
+    launches = count_launches(monkeypatch)
+    calls = []
+    monkeypatch.setattr(components, "_label_propagation", record(calls, components._label_propagation))
+    mask = random_mask(np.random.default_rng(2), (2, 65, 64), 0.5)  # 4160 pixels
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            assert_same_partition(connected_components(torch.from_numpy(mask), 8, "triton"), mask, 8)
+    assert launches == [] and len(calls) == 2
+    assert [r.getMessage() for r in caplog.records].count(FALLBACK_MESSAGE) == 1
+    # The largest grid the kernels hold still runs them.
+    connected_components(torch.zeros(1, 64, 64, dtype=torch.bool), 8, "triton")
+    assert launches == ["_label_kernel"]
+
+
+FALLBACK_MESSAGE = (
+    "Maps of 4160 patches exceed the 4096 that the Triton kernels hold; labelling them with the 'propagation' "
+    "algorithm instead."
+)
+
+
+def test_auto_picks_triton_for_cuda_tensors_when_it_is_installed(monkeypatch):
+    cuda, cpu, meta = torch.device("cuda"), torch.device("cpu"), torch.device("meta")
+    assert components.resolve_algorithm("auto", cuda, 196) == "triton"
+    assert components.resolve_algorithm("auto", cuda, 4097) == "propagation"
+    assert components.resolve_algorithm("auto", cpu, 196) == "scipy"
+    assert components.resolve_algorithm("auto", meta, 196) == "propagation"
+    monkeypatch.setattr(components, "_triton_installed", lambda: False)
+    assert components.resolve_algorithm("auto", cuda, 196) == "propagation"
+    assert components.resolve_algorithm("triton", cpu, 196) == "triton"  # asked for by name
+
+
+def test_cpu_tensors_outside_the_interpreter_are_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="runs on CUDA tensors, got a cpu tensor; use algorithm='auto'"):
+        connected_components(torch.ones(1, 3, 3, dtype=torch.bool), algorithm="triton")
+    with pytest.raises(ValueError, match="runs on CUDA tensors"):
+        spatial_entropy(torch.randn(1, 1, 9), (3, 3), algorithm="triton")
+
+
+# -- the loss ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("smooth", [False, True], ids=["noise", "smooth"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_loss_and_gradient_match_the_float64_reference(shape, smooth):
+    scores = scores_for(shape, seed=4, smooth=smooth).requires_grad_()
+    per_map = spatial_entropy(scores, shape[2:], reduction="none", algorithm="triton")
+    assert per_map.dtype == torch.float32
+    assert_matches_reference(per_map, reference(scores, shape[2:]), rtol=1e-6)
+    loss = spatial_entropy(scores, shape[2:], algorithm="triton")
+    assert_matches_reference(loss, reference(scores, shape[2:]).mean(), rtol=1e-6)
+    # The float64 gradient of the eager path (itself checked against finite differences of the
+    # reference in test_entropy.py).
+    (grad,) = torch.autograd.grad(loss, scores)
+    double = scores.detach().double().requires_grad_()
+    (expected,) = torch.autograd.grad(spatial_entropy(double, shape[2:], algorithm="scipy"), double)
+    assert grad.dtype == torch.float32
+    if shape[2] * shape[3] > 1:
+        assert expected.abs().max() > 0  # not vacuous
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("connectivity", CONNECTIVITIES)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_float64_gradient_equals_the_eager_one(reduction, connectivity):
+    # In float64 the kernels compute in float64, and their analytic backward gives the eager path's
+    # gradient (which test_entropy.py checks by gradcheck) to rounding: same formula, another order.
+    scores = scores_for((2, 3, 6, 7), dtype=torch.float64, seed=7).requires_grad_()
+    grads = []
+    for algorithm in ("triton", "scipy"):
+        loss = spatial_entropy(scores, (6, 7), reduction, algorithm, connectivity)
+        assert loss.dtype == torch.float64
+        grads.append(torch.autograd.grad(loss.sum(), scores)[0])
+    assert grads[1].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-14)
+
+
+def test_non_finite_maps_are_skipped_and_counted():
+    shape = (3, 4, 6, 6)
+    clean = scores_for(shape, seed=9)
+    scores = clean.clone()
+    scores[0, 1, 5] = float("nan")
+    scores[1, 0, 0] = float("inf")
+    scores[2, 3, 35] = float("-inf")
+    scores[2, 2, :] = float("nan")
+    bad = torch.zeros(shape[:2], dtype=torch.bool)
+    bad[0, 1] = bad[1, 0] = bad[2, 3] = bad[2, 2] = True
+    expected = reference(clean, shape[2:])
+    leaf = scores.clone().requires_grad_()
+    per_map, skipped = spatial_entropy(leaf, shape[2:], "none", "triton", return_skipped=True)
+    assert skipped.item() == 4 and skipped.dtype == torch.int64
+    assert (per_map[bad] == 0).all()
+    assert_matches_reference(per_map[~bad], expected[~bad.numpy()], rtol=1e-6)
+    per_map.sum().backward()
+    assert torch.isfinite(leaf.grad).all() and (leaf.grad[bad] == 0).all() and (leaf.grad[~bad] != 0).any()
+    mean, skipped = spatial_entropy(scores, shape[2:], "mean", "triton", return_skipped=True)
+    assert skipped.item() == 4
+    assert_matches_reference(mean, expected[~bad.numpy()].mean(), rtol=1e-6)  # over the 8 valid maps
+    everything_bad, skipped = spatial_entropy(
+        torch.full((2, 3, 16), float("nan")), (4, 4), "mean", "triton", return_skipped=True
+    )
+    assert everything_bad.item() == 0 and skipped.item() == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_scores_are_read_as_they_are(dtype):
+    # The kernels read half-precision scores directly (no cast launched), compute in float32 and
+    # return the gradient in the scores' dtype, as the eager path does.
+    shape = (2, 3, 14, 14)
+    scores = scores_for(shape, seed=3).to(dtype).requires_grad_()
+    got = spatial_entropy(scores, shape[2:], "none", "triton")
+    assert got.dtype == torch.float32
+    assert_matches_reference(got, reference(scores, shape[2:]), rtol=1e-6)
+    (grad,) = torch.autograd.grad(got.sum(), scores)
+    eager = scores.detach().clone().requires_grad_()
+    (expected,) = torch.autograd.grad(spatial_entropy(eager, shape[2:], "none", "scipy").sum(), eager)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad, expected)  # the same float32 gradient, rounded to `dtype`
+
+
+@pytest.mark.parametrize(
+    ("scale", "dtype"), [(1e38, torch.float32), (1e-42, torch.float32), (1e300, torch.float64), (6e4, torch.float16)]
+)
+def test_extreme_magnitudes_stay_finite_and_exact(scale, dtype):
+    # Rows beyond 2**60 are scaled down by a power of two built from the exponent bits.
+    shape = (1, 2, 8, 8)
+    scores = (scores_for(shape, dtype=torch.float64, seed=6).clamp(-1.0, 1.0) * scale).to(dtype)
+    leaf = scores.clone().requires_grad_()
+    per_map = spatial_entropy(leaf, shape[2:], "none", "triton")
+    assert_matches_reference(per_map, reference(scores, shape[2:]), rtol=1e-6)
+    per_map.sum().backward()
+    assert torch.isfinite(leaf.grad).all() and (leaf.grad != 0).any()
+
+
+def test_single_region_and_empty_maps_give_positive_zero():
+    one_region = torch.tensor([[[0.0, 0.0, 1.0, 1.0]]])
+    constant = torch.zeros(1, 1, 4)
+    got = spatial_entropy(torch.cat([one_region, constant], dim=1), (2, 2), "none", "triton")
+    assert got.tolist() == [[0.0, 0.0]] and not torch.signbit(got).any()
+
+
+def test_empty_batch():
+    scores = torch.randn(0, 6, 196, requires_grad=True)
+    assert spatial_entropy(scores, (14, 14), "none", "triton").shape == (0, 6)
+    loss, skipped = spatial_entropy(scores, (14, 14), "mean", "triton", return_skipped=True)
+    assert loss.item() == 0.0 and skipped.item() == 0
+    loss.backward()
+    assert scores.grad.shape == scores.shape
+
+
+# -- launches, host reads, graphs ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_three_launches_and_no_other_tensor_work(monkeypatch, reduction):
+    # Forward: the maps, then the mean (or the skipped count) over them; backward: one. Nothing else
+    # computes on a tensor: only allocations and views reach the dispatcher, so nothing reads a
+    # value on the host (which would show as `_local_scalar_dense` or a copy) and nothing else launches.
+    launches = count_launches(monkeypatch)
+    scores = scores_for((4, 6, 14, 14), dtype=torch.bfloat16, seed=1).requires_grad_()
+    seed = torch.ones(() if reduction == "mean" else (4, 6))
+    with TensorOps() as ops:
+        loss = spatial_entropy(scores, (14, 14), reduction, "triton")
+        assert launches == ["_entropy_kernel", "_reduce_kernel"]
+        torch.autograd.grad(loss, scores, seed)
+    assert launches == ["_entropy_kernel", "_reduce_kernel", "_entropy_backward_kernel"]
+    assert ops.work == [], ops.work
+
+
+@pytest.mark.parametrize("return_skipped", [False, True])
+def test_compile_fullgraph_matches_eager(return_skipped):
+    torch._dynamo.reset()
+    module, x = model_and_input(seed=1, return_skipped=return_skipped, algorithm="triton")
+    eager, _ = model_and_input(seed=1, return_skipped=return_skipped, algorithm="scipy")
+    assert_same_loss_and_grads(torch.compile(module, fullgraph=True), eager, x)
+
+
+def test_export_keeps_the_fused_loss_as_one_node():
+    module, x = model_and_input(seed=3, algorithm="triton")
+    program = torch.export.export(module, (x,))
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert targets.count("sar_hf.spatial_entropy_triton.default") == 1
+    torch.testing.assert_close(program.module()(x), module(x), rtol=1e-6, atol=1e-7)
+
+
+def test_kernels_compile_for_a_gpu(tmp_path):
+    # The interpreter runs the kernels' Python; only Triton's compiler checks that they lower to a GPU
+    # (types of loop-carried values, bitcasts, atomics). It runs here without a GPU, to PTX and a
+    # cubin for an H100/H200 (sm_90), for each dtype the kernels read and both connectivities.
+    script = textwrap.dedent(
+        """
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from sar_hf import triton_kernels as k
+
+        def build(kernel, signature, constexprs):
+            src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            binary = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+            assert binary.asm["cubin"], kernel
+            print(kernel.fn.__name__)
+
+        for connectivity in (4, 8):
+            build(k._label_kernel, {"mask_ptr": "*u8", "labels_ptr": "*i64", "counts_ptr": "*i64", "gh": "i32",
+                  "gw": "i32", "CONNECTIVITY": "constexpr", "BLOCK": "constexpr"},
+                  {"CONNECTIVITY": connectivity, "BLOCK": 256})
+        for scores, dtype in (("bf16", "fp32"), ("fp16", "fp32"), ("fp32", "fp32"), ("fp64", "fp64")):
+            build(k._entropy_kernel, {"scores_ptr": f"*{scores}", "entropy_ptr": f"*{dtype}", "valid_ptr": "*u8",
+                  "weight_ptr": f"*{dtype}", "advantage_ptr": f"*{dtype}", "parents_ptr": "*i32", "gh": "i32",
+                  "gw": "i32", "CONNECTIVITY": "constexpr", "BLOCK": "constexpr"},
+                  {"CONNECTIVITY": 8, "BLOCK": 4096 if dtype == "fp64" else 256})
+            build(k._entropy_backward_kernel, {"grad_ptr": f"*{dtype}", "skipped_ptr": "*i64",
+                  "weight_ptr": f"*{dtype}", "advantage_ptr": f"*{dtype}", "out_ptr": f"*{scores}", "M": "i32",
+                  "n": "i32", "MEAN": "constexpr", "BLOCK": "constexpr"}, {"MEAN": True, "BLOCK": 256})
+            build(k._reduce_kernel, {"entropy_ptr": f"*{dtype}", "valid_ptr": "*u8", "mean_ptr": f"*{dtype}",
+                  "skipped_ptr": "*i64", "M": "i32", "MEAN": "constexpr", "BLOCK": "constexpr"},
+                  {"MEAN": False, "BLOCK": 1024})
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert set(done.stdout.split()) == set(KERNELS)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def count_launches(monkeypatch) -> list[str]:
+    """The names of the kernels launched from now on (the interpreter's or the GPU's launcher)."""
+    launches = []
+    launcher = type(triton_kernels._label_kernel)
+    run = launcher.run
+
+    def counted(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        with launching():
+            return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(launcher, "run", counted)
+    return launches
+
+
+def record(calls, fn):
+    def recorded(*args, **kwargs):
+        calls.append(fn.__name__)
+        return fn(*args, **kwargs)
+
+    return recorded
+
+
+class TensorOps(TorchDispatchMode):
+    """Records the operators that compute on tensors, except inside kernel launches (where the
+    interpreter moves the arguments to the host and back); allocations and views are not work."""
+
+    FREE = {"empty", "empty_strided", "new_empty", "view", "_unsafe_view", "reshape", "alias", "detach", "as_strided"}
+    launching = False
+
+    def __enter__(self):
+        self.work = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        ours = func.namespace == "sar_hf"  # the operators that launch the kernels, counted above
+        if not (TensorOps.launching or ours or func.overloadpacket.__name__ in self.FREE):
+            self.work.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def launching():
+    TensorOps.launching = True
+    try:
+        yield
+    finally:
+        TensorOps.launching = False
