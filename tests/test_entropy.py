@@ -200,17 +200,23 @@ def test_autocast_bfloat16_runs_in_float32():
 # -- non-finite and degenerate maps -----------------------------------------------------------
 
 
-def test_non_finite_maps_are_skipped():
-    shape = (3, 4, 6, 6)
-    clean = scores_for(shape, seed=9)
+def non_finite_batch():
+    """([3, 4, 36] scores with NaN, +inf and -inf in four maps, [3, 4] bool: those maps,
+    [3, 4] float64 reference entropies of the scores before the damage)."""
+    clean = scores_for((3, 4, 6, 6), seed=9)
     scores = clean.clone()
     scores[0, 1, 5] = float("nan")
     scores[1, 0, 0] = float("inf")
     scores[2, 3, 35] = float("-inf")
     scores[2, 2, :] = float("nan")
-    bad = torch.zeros(shape[:2], dtype=torch.bool)
+    bad = torch.zeros(3, 4, dtype=torch.bool)
     bad[0, 1] = bad[1, 0] = bad[2, 3] = bad[2, 2] = True
-    expected = reference(clean, shape[2:])
+    return scores, bad, reference(clean, (6, 6))
+
+
+def test_non_finite_maps_are_skipped():
+    shape = (3, 4, 6, 6)
+    scores, bad, expected = non_finite_batch()
 
     leaf = scores.clone().requires_grad_()
     per_map, skipped = spatial_entropy(leaf, shape[2:], reduction="none", return_skipped=True)

@@ -23,7 +23,7 @@ from test_components import (
     random_mask,
     reference_labels,
 )
-from test_entropy import SHAPES, assert_matches_reference, reference, scores_for
+from test_entropy import SHAPES, assert_matches_reference, non_finite_batch, reference, scores_for
 from test_export_entropy import assert_same_loss_and_grads, model_and_input
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -148,15 +148,7 @@ def test_float64_gradient_equals_the_eager_one(reduction, connectivity):
 
 def test_non_finite_maps_are_skipped_and_counted():
     shape = (3, 4, 6, 6)
-    clean = scores_for(shape, seed=9)
-    scores = clean.clone()
-    scores[0, 1, 5] = float("nan")
-    scores[1, 0, 0] = float("inf")
-    scores[2, 3, 35] = float("-inf")
-    scores[2, 2, :] = float("nan")
-    bad = torch.zeros(shape[:2], dtype=torch.bool)
-    bad[0, 1] = bad[1, 0] = bad[2, 3] = bad[2, 2] = True
-    expected = reference(clean, shape[2:])
+    scores, bad, expected = non_finite_batch()
     leaf = scores.clone().requires_grad_()
     per_map, skipped = spatial_entropy(leaf, shape[2:], "none", "triton", return_skipped=True)
     assert skipped.item() == 4 and skipped.dtype == torch.int64
