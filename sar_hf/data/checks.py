@@ -29,10 +29,11 @@ def check_image_folder(path: str, what: str = "--train_dir") -> None:
     )
 
 
-def check_columns(dataset, image_column: str, label_column: str) -> None:
-    """Raises a `ValueError` listing the available columns when a split lacks the image or label column."""
+def check_columns(dataset, image_column: str, label_column: str | None = None) -> None:
+    """Raises a `ValueError` listing the available columns when a split lacks the image or (if named) label column."""
+    wanted = (image_column,) if label_column is None else (image_column, label_column)
     for split, ds in dataset.items():
-        missing = [name for name in (image_column, label_column) if name not in ds.column_names]
+        missing = [name for name in wanted if name not in ds.column_names]
         if missing:
             flags = {image_column: "--image_column_name", label_column: "--label_column_name"}
             hint = " and ".join(f"{flags[name]}" for name in missing)
