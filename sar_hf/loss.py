@@ -1,5 +1,6 @@
 """The SAR term λ·spatial_entropy for any ViT-family classifier, added wherever the cross-entropy is."""
 
+import functools
 import inspect
 
 import torch
@@ -71,7 +72,8 @@ class SpatialEntropyLoss:
         elif not hasattr(target.config, "sar_weight"):
             raise ValueError(f"`sar_weight=None` reads `config.sar_weight`, which {type(target).__name__} lacks.")
         _check_computes_a_loss(target)
-        self.capture = CLSScoreCapture(target, sar_layer, weight=lambda: self.weight)
+        # A partial, not a lambda: a deep copy of the model (an eager twin, say) then reads its own loss's λ.
+        self.capture = CLSScoreCapture(target, sar_layer, weight=functools.partial(getattr, self, "weight"))
         self.sar_layer = sar_layer
         self._sar_weight = sar_weight
         self._config = target.config

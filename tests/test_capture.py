@@ -413,6 +413,15 @@ def test_a_pass_replaced_by_a_later_one_before_its_backward_is_caught():
     (used + model.sar_loss(model(pixel_values=pixel_values), labels)).backward()
 
 
+def test_a_deep_copy_of_the_model_is_guarded_by_its_own_weight():
+    model = guarded("deit")
+    twin = copy.deepcopy(model)
+    twin.sar_loss.scheduled_sar_weight = 0.0
+    own_loss(twin).backward()  # λ = 0 for the copy: nothing to guard
+    with pytest.raises(RuntimeError, match=THREE_WAYS):
+        own_loss(model).backward()
+
+
 def test_a_failed_pass_is_not_guarded_and_the_next_one_is():
     model = guarded("deit")
     handle = model.classifier.register_forward_hook(lambda *args: 1 / 0)
