@@ -1,0 +1,200 @@
+"""benchmarks/evidence.py in parts: the budget search against a stubbed run function, the time plan,
+the workers that share a device, the rows paired within a recipe, and the mass on the object."""
+
+import json
+import pathlib
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import evidence  # noqa: E402
+
+SEARCH = ["--datasets", "digits", "cluttered-digits", "--recipes", "plain", "deit", "--seeds", "0", "1", "2",
+          "--fractions", "0.5", "0.1", "--epochs", "2"]  # fmt: skip
+
+
+def stub_run(accuracy):
+    """A run function that "trains" every requested run at once with `accuracy(run)`, and the list of
+    the epochs that each call asked for."""
+    requested, finished = [], {}
+
+    def run(runs):
+        requested.append(sorted({r["epochs"] for r in runs}))
+        for r in runs:
+            finished.setdefault(evidence.run_key(r), {**r, "test_accuracy": accuracy(r), "train_seconds": 10.0})
+        return list(finished.values())
+
+    return run, requested
+
+
+def saturating(r):
+    """Learns until 4 epochs on the plain digits, until 8 elsewhere; the seed shifts every run alike."""
+    until = 4 if (r["dataset"], r["recipe"]) == ("digits", "plain") else 8
+    return 0.5 * min(r["epochs"], until) / until + 0.01 * r["seed"]
+
+
+def noisy_at_4(r):
+    """From 2 to 4 epochs the seeds gain +0.035, -0.025 and +0.005: a mean of 0.005, within the
+    limit, but with an upper bound of about 0.08 (sd 0.03, t(2 df) = 4.3); no gain after 4."""
+    return 0.5 + (r["epochs"] >= 4) * [0.035, -0.025, 0.005][r["seed"]]
+
+
+def gains_0015_at_2(r):
+    """Doubling 2 epochs gains 0.015 in every seed (no spread: the interval is that point), then nothing."""
+    return 0.5 + 0.015 * (r["epochs"] >= 4)
+
+
+@pytest.mark.parametrize(
+    "accuracy, max_epochs, requested, budget",
+    [
+        # Doubles until every dataset and recipe has plateaued (the plain digits at 4, the rest at 8).
+        (saturating, 64, [[2, 4], [4, 8], [8, 16]], 8),
+        # The cap: the budget never exceeds --max_epochs, plateau or not.
+        (saturating, 4, [[2, 4], [4, 8]], 4),
+        (lambda r: 0.1 * r["epochs"], 8, [[2, 4], [4, 8], [8, 16]], 8),
+        # A flat start is a plateau at once.
+        (lambda r: 0.5, 64, [[2, 4]], 2),
+        # The upper bound counts, not only the mean.
+        (noisy_at_4, 64, [[2, 4], [4, 8]], 4),
+        # So does the mean: 0.015 > 0.01 with a bound of 0.015 <= 0.02.
+        (gains_0015_at_2, 64, [[2, 4], [4, 8]], 4),
+    ],
+)
+def test_the_budget_search_doubles_until_every_baseline_plateaus_or_the_cap(accuracy, max_epochs, requested, budget):
+    args = evidence.parse_args([*SEARCH, "--max_epochs", str(max_epochs)])
+    run, asked = stub_run(accuracy)
+    assert evidence.search_budget(args, run) == budget
+    assert asked == requested
+    # Each round is the baseline at the smallest fraction, every dataset, recipe and seed, twice the epochs first.
+    round_one = evidence.plateau_runs(args, 2)
+    assert [r["epochs"] for r in round_one] == [4] * 12 + [2] * 12
+    assert {(r["fraction"], r["variant"]) for r in round_one} == {(0.1, "baseline")}
+    assert len({evidence.run_key(r) for r in round_one}) == 2 * 2 * 2 * 3
+
+
+@pytest.mark.parametrize("seconds, requested, budget", [(100, [[2, 4]], 2), (1e6, [[2, 4], [4, 8], [8, 16]], 8)])
+def test_the_search_stops_doubling_when_the_next_round_and_the_smallest_study_would_not_fit(
+    seconds, requested, budget
+):
+    """Round one: 24 runs of 2 or 4 epochs at 10% (0.2 or 0.4 passes over the training split), 10 s
+    each, so 240 s over 7.2 passes, 33 s per pass. The next round's 12 new runs of 8 epochs (0.8
+    passes each) alone need 1.25 x 33 x 9.6 = 400 s on one worker: with 100 s the budget stays at 2
+    epochs, not a plateau; with plenty of time the search goes on as without a time budget."""
+    args = evidence.parse_args([*SEARCH, "--max_epochs", "64", "--time_budget_s", str(seconds)])
+    args.started = time.monotonic()
+    run, asked = stub_run(saturating)
+    assert evidence.search_budget(args, run) == budget
+    assert asked == requested
+
+
+# Time plan: one finished baseline run, 10 epochs at 10% in 1 s, so 1 s per pass; the study's runs
+# take 1.25 s per pass: 6.25 s at 50%, 1.25 s at 10%, two variants per seed, two workers. Predicted
+# wall (sum / 2 + the longest run, 6.25 s), less the finished run (1.25 s):
+#   4 seeds, both fractions: (4 x 15 - 1.25) / 2 + 6.25 = 35.6 s
+#   3 seeds:                 (3 x 15 - 1.25) / 2 + 6.25 = 28.1 s
+#   2 seeds (--min_seeds):   (2 x 15 - 1.25) / 2 + 6.25 = 20.6 s
+#   2 seeds, 10% only:       (4 x 1.25 - 1.25) / 2 + 1.25 = 3.1 s
+@pytest.mark.parametrize(
+    "seconds, seeds, fractions",
+    [
+        (40, [0, 1, 2, 3], [0.1, 0.5]),
+        (30, [0, 1, 2], [0.1, 0.5]),
+        (25, [0, 1], [0.1, 0.5]),
+        (20, [0, 1], [0.1]),  # seeds go down to --min_seeds before a fraction goes
+        (3, [0, 1], []),
+    ],
+)
+def test_the_time_plan_cuts_seeds_before_fractions(seconds, seeds, fractions):
+    args = evidence.parse_args([
+        "--datasets", "digits", "--recipes", "plain", "--variants", "baseline", "sar-0.1", "--seeds", "0", "1", "2",
+        "3", "--fractions", "0.5", "0.1", "--min_seeds", "2", "--workers", "2", "--time_budget_s", str(seconds),
+    ])  # fmt: skip
+    args.started = time.monotonic()
+    done = {"dataset": "digits", "fraction": 0.1, "seed": 0, "recipe": "plain", "variant": "baseline",
+            "epochs": 10, "batch_size": 16, "train_seconds": 1.0}  # fmt: skip
+    assert evidence.fit_study(args, 10, [done]) == (seeds, fractions)
+
+
+def test_rows_pair_each_variant_with_its_recipes_baseline_over_the_seeds_all_variants_finished():
+    """The plain baseline has seeds 0-3 (the search's), everything else seeds 0-1: every row of a cell
+    is over seeds 0 and 1, and the DeiT SAR run is compared with the DeiT baseline."""
+    accuracy = {("plain", "baseline"): [0.5, 0.6, 0.9, 0.9], ("plain", "sar-0.1"): [0.55, 0.7],
+                ("deit", "baseline"): [0.3, 0.4], ("deit", "sar-0.1"): [0.2, 0.2]}  # fmt: skip
+    runs = [
+        {"dataset": "digits", "fraction": 0.1, "seed": seed, "recipe": recipe, "variant": variant, "epochs": 8,
+         "batch_size": 16, "test_accuracy": value, "test_entropy": 0.1 * seed, "test_jaccard": 0.2,
+         "test_mass": 0.5 + 0.1 * (variant != "baseline")}
+        for (recipe, variant), values in accuracy.items()
+        for seed, value in enumerate(values)
+    ]  # fmt: skip
+    rows = {(row["recipe"], row["variant"]): row for row in evidence.summarize(runs)}
+    assert [key for key in rows] == [
+        ("plain", "baseline"),
+        ("plain", "sar-0.1"),
+        ("deit", "baseline"),
+        ("deit", "sar-0.1"),
+    ]
+    assert all(row["n"] == 2 for row in rows.values())
+    assert rows["plain", "baseline"]["accuracy_mean"] == pytest.approx(0.55)  # not 0.725 over four seeds
+    assert rows["plain", "sar-0.1"]["diff_vs_baseline"] == pytest.approx(0.075)  # (0.05 + 0.1) / 2
+    assert rows["deit", "sar-0.1"]["diff_vs_baseline"] == pytest.approx(-0.15)  # (-0.1 - 0.2) / 2
+    assert rows["deit", "sar-0.1"]["mass_diff_vs_baseline"] == pytest.approx(0.1)
+    assert rows["deit", "baseline"]["diff_vs_baseline"] is None and rows["deit", "baseline"]["n_paired"] == 0
+
+
+def test_the_mass_on_the_object_against_a_hand_made_map():
+    """Softmax mass 0.4, 0.3, 0.2, 0.1 over four patches. The mean of the log scores is
+    log(0.4 * 0.3 * 0.2 * 0.1) / 4 = log 0.2213, so patches 0 and 1 are above it, with mass 0.7.
+    Against the object {1, 2}: 0.3 of that 0.7 is on it, 3/7 (the whole map puts 0.5 there);
+    the object {0, 1} holds all of it, {2, 3} none."""
+    scores = torch.tensor([0.4, 0.3, 0.2, 0.1]).log()[None, None]  # [B=1, heads=1, n=4]
+    object_12 = torch.tensor([[False, True, True, False]])
+    assert evidence.mass_on_object(scores, object_12).item() == pytest.approx(3 / 7)
+    assert evidence.mass_on_object(scores, torch.tensor([[True, True, False, False]])).item() == pytest.approx(1)
+    assert evidence.mass_on_object(scores, torch.tensor([[False, False, True, True]])).item() == 0
+    # A constant map has no patch above its mean: 0, not the object's share of the patches.
+    assert evidence.mass_on_object(torch.zeros(1, 1, 4), object_12).item() == 0
+    # One value per image and head, each against its own image's object: the map reversed puts
+    # 0.4 + 0.3 above the mean on patches 3 and 2.
+    maps = torch.stack([scores[0, 0], scores[0, 0].flip(-1)])[None].expand(2, 2, 4)
+    objects = torch.tensor([[True, True, False, False], [False, True, True, False]])
+    expected = torch.tensor([[1.0, 0.0], [3 / 7, 3 / 7]])
+    torch.testing.assert_close(evidence.mass_on_object(maps, objects), expected)
+
+
+@pytest.mark.slow
+def test_two_workers_on_the_cpu_share_the_runs_through_their_claims(tmp_path, monkeypatch):
+    """Two runs, two worker processes: each run is trained and recorded once, by the workers (this
+    process trains nothing: its train_one would fail), and a second call finds them all done."""
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the parent process trained a run")
+
+    monkeypatch.setattr(evidence, "train_one", not_here)
+    args = evidence.parse_args([
+        "--device", "cpu", "--workers", "2", "--datasets", "digits", "--recipes", "plain", "--variants", "baseline",
+        "--seeds", "0", "1", "--fractions", "0.05", "--model_preset", "tiny", "--output", str(tmp_path),
+    ])  # fmt: skip
+    runs = evidence.study_runs(args, 1, args.seeds, args.fractions)
+    finished = evidence.run_batch(args, runs)
+    assert sorted(evidence.run_key(r) for r in finished) == sorted(evidence.run_key(r) for r in runs)
+    lines = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert sorted(line["seed"] for line in lines) == [0, 1]
+    assert len(list((tmp_path / "claims").iterdir())) == 2
+    for line in lines:
+        assert 0 <= line["test_accuracy"] <= 1 and 0 <= line["test_mass"] <= 1 and line["test_entropy"] >= 0
+        assert line["validation_curve"][-1][0] == pytest.approx(1)
+    assert len(evidence.run_batch(args, runs)) == 2
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
+
+
+def test_the_study_runs_each_run_once_seed_by_seed_the_largest_fraction_first():
+    args = evidence.parse_args([*SEARCH, "--variants", "baseline", "sar-0.1"])
+    runs = evidence.study_runs(args, 8, [0, 1], [0.1, 0.5])
+    assert len({evidence.run_key(r) for r in runs}) == len(runs) == 2 * 2 * 2 * 2 * 2
+    assert [(r["seed"], r["fraction"]) for r in runs[::8]] == [(0, 0.5), (0, 0.1), (1, 0.5), (1, 0.1)]
+    assert {r["epochs"] for r in runs} == {8}
