@@ -46,6 +46,7 @@ one seed's models at the smallest fraction) is rebuilt from `runs.jsonl` at the 
 import argparse
 import datetime
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -305,7 +306,7 @@ def claim(output: str, key: tuple) -> bool:
         return False
 
 
-def plateau_runs(args, epochs: int) -> list[dict]:
+def plateau_runs(args, epochs: int, seeds: list[int]) -> list[dict]:
     """The search's round at budget `epochs`: the baseline at the smallest fraction with twice and with
     `epochs` epochs (the longer first, so that they do not end the round), every dataset, recipe and seed."""
     return [
@@ -314,7 +315,7 @@ def plateau_runs(args, epochs: int) -> list[dict]:
         for e in (2 * epochs, epochs)
         for dataset in args.datasets
         for recipe in args.recipes
-        for seed in args.seeds
+        for seed in seeds
     ]  # fmt: skip
 
 
@@ -399,7 +400,7 @@ def training_passes(run: dict) -> float:
 
 
 def predicted_seconds(args, runs: list[dict], finished: list[dict]) -> float:
-    """Wall seconds that the runs of `runs` not in `finished` would take on `args.workers` workers.
+    """Wall seconds that the runs of `runs` (each counted once) not in `finished` would take on `args.workers` workers.
 
     Each takes its passes times the seconds per pass of the finished runs (each timed while the
     workers shared the device), times PLAN_MARGIN; the workers take the runs as they come, which ends
@@ -407,7 +408,8 @@ def predicted_seconds(args, runs: list[dict], finished: list[dict]) -> float:
     """
     per_pass = sum(run["train_seconds"] for run in finished) / sum(map(training_passes, finished))
     done = {run_key(run) for run in finished}
-    seconds = [PLAN_MARGIN * per_pass * training_passes(run) for run in runs if run_key(run) not in done]
+    todo = {run_key(run): run for run in runs if run_key(run) not in done}  # a run that two lists share, once
+    seconds = [PLAN_MARGIN * per_pass * training_passes(run) for run in todo.values()]
     return sum(seconds) / args.workers + max(seconds, default=0.0)
 
 
@@ -449,11 +451,26 @@ def search_budget(args, run) -> int:
     """The budget: the first E (from --epochs, doubling) at which the baseline has plateaued on every
     dataset and recipe, else the last one tried (at --max_epochs, or where the time budget stopped).
 
-    `run(runs)` trains the runs of `runs` not finished yet and returns every finished run.
+    `run(runs)` trains the runs of `runs` not finished yet and returns every finished run. With a time
+    budget, the first round starts with one run per worker (its first seeds), the timing probe; then
+    the search's seeds are cut (the last first, down to --min_seeds) until its first round and the
+    smallest study (--min_seeds seeds at the smallest fraction) fit the time left.
     """
-    epochs = args.epochs
+    epochs, seeds = args.epochs, list(args.seeds)
+
+    def smallest_study(epochs):
+        return study_runs(args, epochs, args.seeds[: args.min_seeds], [min(args.fractions)])
+
+    if args.time_budget_s is not None:
+        probe = math.ceil(args.workers / len(plateau_runs(args, epochs, seeds[:1])))  # seeds: a run per worker
+        finished = run(plateau_runs(args, epochs, seeds[:probe]))
+        while len(seeds) > args.min_seeds and not fits(
+            args, plateau_runs(args, epochs, seeds) + smallest_study(epochs), finished
+        ):
+            seeds.pop()
+        log(f"the search trains seeds {seeds}")
     while True:
-        finished = run(plateau_runs(args, epochs))
+        finished = run(plateau_runs(args, epochs, seeds))
         rows = plateau_rows(finished, args, epochs)
         if rows and all(map(plateaued, rows)):
             log(f"the baseline has plateaued at {epochs} epochs")
@@ -461,9 +478,7 @@ def search_budget(args, run) -> int:
         if 2 * epochs > args.max_epochs:
             log(f"no plateau by {epochs} epochs, the cap (--max_epochs {args.max_epochs}): the budget is {epochs}")
             return epochs
-        # The study needs time too: at least its smallest form at the doubled budget.
-        smallest = study_runs(args, 2 * epochs, args.seeds[: args.min_seeds], [min(args.fractions)])
-        if not fits(args, plateau_runs(args, 2 * epochs) + smallest, finished):
+        if not fits(args, plateau_runs(args, 2 * epochs, seeds) + smallest_study(2 * epochs), finished):
             log(f"no plateau by {epochs} epochs; {2 * epochs} would leave the study no time: the budget is {epochs}")
             return epochs
         epochs *= 2

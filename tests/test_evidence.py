@@ -18,12 +18,12 @@ SEARCH = ["--datasets", "digits", "cluttered-digits", "--recipes", "plain", "dei
 
 
 def stub_run(accuracy):
-    """A run function that "trains" every requested run at once with `accuracy(run)`, and the list of
-    the epochs that each call asked for."""
+    """A run function that "trains" every requested run at once with `accuracy(run)`, in 10 s each, and
+    the list of the epochs and seeds that each call asked for."""
     requested, finished = [], {}
 
     def run(runs):
-        requested.append(sorted({r["epochs"] for r in runs}))
+        requested.append((sorted({r["epochs"] for r in runs}), sorted({r["seed"] for r in runs})))
         for r in runs:
             finished.setdefault(evidence.run_key(r), {**r, "test_accuracy": accuracy(r), "train_seconds": 10.0})
         return list(finished.values())
@@ -68,19 +68,22 @@ def test_the_budget_search_doubles_until_every_baseline_plateaus_or_the_cap(accu
     args = evidence.parse_args([*SEARCH, "--max_epochs", str(max_epochs)])
     run, asked = stub_run(accuracy)
     assert evidence.search_budget(args, run) == budget
-    assert asked == requested
+    assert asked == [(epochs, [0, 1, 2]) for epochs in requested]
     # Each round is the baseline at the smallest fraction, every dataset, recipe and seed, twice the epochs first.
-    round_one = evidence.plateau_runs(args, 2)
+    round_one = evidence.plateau_runs(args, 2, args.seeds)
     assert [r["epochs"] for r in round_one] == [4] * 12 + [2] * 12
     assert {(r["fraction"], r["variant"]) for r in round_one} == {(0.1, "baseline")}
     assert len({evidence.run_key(r) for r in round_one}) == 2 * 2 * 2 * 3
 
 
-@pytest.mark.parametrize("seconds, requested, budget", [(100, [[2, 4]], 2), (1e6, [[2, 4], [4, 8], [8, 16]], 8)])
+@pytest.mark.parametrize(
+    "seconds, requested, budget", [(100, [[2, 4]] * 2, 2), (1e6, [[2, 4], [2, 4], [4, 8], [8, 16]], 8)]
+)
 def test_the_search_stops_doubling_when_the_next_round_and_the_smallest_study_would_not_fit(
     seconds, requested, budget
 ):
-    """Round one: 24 runs of 2 or 4 epochs at 10% (0.2 or 0.4 passes over the training split), 10 s
+    """With a time budget the first round starts with the probe (seed 0: eight runs, one worker).
+    Round one: 24 runs of 2 or 4 epochs at 10% (0.2 or 0.4 passes over the training split), 10 s
     each, so 240 s over 7.2 passes, 33 s per pass. The next round's 12 new runs of 8 epochs (0.8
     passes each) alone need 1.25 x 33 x 9.6 = 400 s on one worker: with 100 s the budget stays at 2
     epochs, not a plateau; with plenty of time the search goes on as without a time budget."""
@@ -88,7 +91,39 @@ def test_the_search_stops_doubling_when_the_next_round_and_the_smallest_study_wo
     args.started = time.monotonic()
     run, asked = stub_run(saturating)
     assert evidence.search_budget(args, run) == budget
-    assert asked == requested
+    assert [epochs for epochs, _ in asked] == requested
+    assert [seeds for _, seeds in asked] == [[0]] + [[0, 1, 2]] * (len(requested) - 1)
+
+
+# The search's seeds: the probe is seed 0 (two runs, two workers), 10 s per run of 0.2 or 0.4 passes,
+# 33 s per pass; a run takes 1.25 x 33 x passes: 16.7 s at 4 epochs, 8.3 s at 2. Round one for S
+# seeds adds S - 1 seeds of 25 s; the smallest study at 2 epochs adds sar-0.1 for seeds 0 and 1
+# (16.7 s; its baselines are round one's). Predicted wall: (25 (S - 1) + 16.7) / 2 + 16.7 s, the
+# longest run: 87.5 s for 6 seeds, 75 for 5, 62.5 for 4, 50 for 3, 37.5 for 2 (--min_seeds).
+@pytest.mark.parametrize(
+    "seconds, seeds", [(100, [0, 1, 2, 3, 4, 5]), (80, [0, 1, 2, 3, 4]), (60, [0, 1, 2]), (30, [0, 1])]
+)
+def test_the_search_cuts_its_seeds_to_fit_after_the_probe(seconds, seeds):
+    args = evidence.parse_args([
+        "--datasets", "digits", "--recipes", "plain", "--variants", "baseline", "sar-0.1", "--seeds", "0", "1", "2",
+        "3", "4", "5", "--fractions", "0.5", "0.1", "--epochs", "2", "--min_seeds", "2", "--workers", "2",
+        "--time_budget_s", str(seconds),
+    ])  # fmt: skip
+    args.started = time.monotonic()
+    run, asked = stub_run(lambda r: 0.5)  # a plateau at once
+    assert evidence.search_budget(args, run) == 2
+    assert asked == [([2, 4], [0]), ([2, 4], seeds)]
+
+
+def test_the_predicted_wall_time_against_a_hand_computation():
+    """One finished run: 10 epochs at 10% (1 pass) in 2 s. To do: 10 epochs at 50% (5 passes, listed
+    twice, counted once) and at 30% (3 passes), and the finished run again (nothing): 1.25 x 2 s per
+    pass gives 12.5 s and 7.5 s; on two workers (12.5 + 7.5) / 2 plus the longest, 12.5: 22.5 s."""
+    args = evidence.parse_args(["--workers", "2"])
+    run = {"dataset": "digits", "seed": 0, "recipe": "plain", "variant": "baseline", "epochs": 10, "batch_size": 16}
+    done = {**run, "fraction": 0.1, "train_seconds": 2.0}
+    half, third = {**run, "fraction": 0.5}, {**run, "fraction": 0.3}
+    assert evidence.predicted_seconds(args, [half, third, half, done], [done]) == pytest.approx(22.5)
 
 
 # Time plan: one finished baseline run, 10 epochs at 10% in 1 s, so 1 s per pass; the study's runs
