@@ -210,7 +210,9 @@ def _check_used(current: _Pass, weight: float, grad: torch.Tensor):
             "`labels` (the term joins the loss it computes); compute the loss with `model.sar_loss(outputs, "
             "labels)`, which also serves as `Trainer(compute_loss_func=...)`; or train with `sar_hf.SARTrainer`, "
             "which adds the term to whatever loss Trainer computes (label smoothing, a `compute_loss_func`). A "
-            "loop with its own loss adds `model.sar_loss.penalty(labels)[0]` to it."
+            "loop with its own loss adds `model.sar_loss.penalty(labels)[0]` to it. A backward that must not "
+            "train the term (input gradients for an attack, say) runs the pass in `model.eval()`, or discards "
+            "its scores first with `model.sar_loss.capture.pop()`."
         )
 
 

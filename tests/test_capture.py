@@ -399,6 +399,16 @@ def test_evaluation_no_grad_and_a_zero_weight_never_trip_the_guard(name):
     own_loss(bare).backward()
 
 
+def test_discarding_the_scores_lets_a_backward_go_without_the_term_on_purpose():
+    # Input gradients (an adversarial example, say) of a model in training mode.
+    model = guarded("deit")
+    pixel_values = pixels(height=16, width=16).requires_grad_()
+    loss = own_loss(model, pixel_values)
+    model.sar_loss.capture.pop()  # these scores are not wanted
+    (gradient,) = torch.autograd.grad(loss, pixel_values)
+    assert gradient.abs().sum() > 0
+
+
 def test_a_pass_replaced_by_a_later_one_before_its_backward_is_caught():
     # Two passes, one backward: the first pass's scores were overwritten unused by the second's.
     model = guarded("deit")
