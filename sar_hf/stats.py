@@ -16,7 +16,7 @@ class SARStats:
       before it;
     * an evaluation pass counts once `count_evaluation_pass` says that it was a step of an
       evaluation or prediction (Trainer runs the model once per prediction step), so that
-      inference of your own, before or between them, never mixes into their figures.
+      inference of your own, before, between or after them, never mixes into their figures.
     """
 
     def __init__(self):
