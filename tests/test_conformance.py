@@ -191,6 +191,15 @@ class SARViTNoSkipNoNormModelTest(SARViTModelTest):
     config_settings = {"sar_no_skip_no_norm": True}
     all_model_classes = (SARViTForImageClassification,)
 
+    def test_retain_grad_hidden_states_attentions(self):
+        # The common test backpropagates a logit of the classifier in training mode, called without labels:
+        # a loss without the SAR term, which the capture's guard refuses (tests/test_capture.py). At λ = 0
+        # there is no term to lose, and the common test passes.
+        with pytest.raises(RuntimeError, match="This training pass's \\[CLS\\] scores were never used"):
+            super().test_retain_grad_hidden_states_attentions()
+        self.model_tester = ViTFamilyModelTester(self, self.config_class, {**self.config_settings, "sar_weight": 0.0})
+        super().test_retain_grad_hidden_states_attentions()
+
 
 def test_an_unreachable_registry_is_a_reason_to_skip(tmp_path, monkeypatch):
     """Without the registry the sdist cannot be had: `SdistUnavailable`, which skips this module, not an error."""
