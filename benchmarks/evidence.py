@@ -27,24 +27,28 @@ Runs are appended to `runs.jsonl` as they finish, so an interrupted study resume
 (delete `claims/` first). `--workers N` starts N processes that share the device, one CPU thread
 each; each claims a run before it starts it, as separate invocations on one output folder do.
 
-With `--time_budget_s`, the search's first round is the timing probe: the runs finished so far give
-the seconds per pass over a training split, and a set of runs is predicted to take its passes times
-that (times 1.25 for the SAR and DeiT runs' dearer steps), spread over the workers, plus its longest
-run. The search doubles only while the next round and the smallest study (--min_seeds seeds at the
-smallest fraction) fit the time left; the study then drops seeds (the last first, down to
---min_seeds) before fractions (the largest first) until it fits. The log and the report say what was
-cut. `--time_budget_s 0` runs nothing new after the first round: it rebuilds the report.
+With `--time_budget_s`, the search starts with one run per worker (its first round's first seeds),
+the timing probe: the finished runs give the seconds per pass over a training split, and a set of
+runs is predicted to take its passes times that (times 1.25 for the SAR and DeiT runs' dearer
+steps), spread over the workers, plus its longest run. Seeds are cut before fractions, the last
+first and down to --min_seeds: the search's seeds until its first round and the smallest study
+(--min_seeds seeds at the smallest fraction) fit the time left; the search doubles only while its
+next round and the smallest study fit; then the study's seeds, and its fractions (the largest
+first), until it fits. The log and the report say what was cut. The budget that the search chose
+is kept in `budget.json`, for `--report_only`.
 
 The report (`README.md`, `summary.json`, `evidence.png`, `plateau.png`, and the attention pictures of
 one seed's models at the smallest fraction) is rebuilt from `runs.jsonl` at the end of each invocation.
 
-    python benchmarks/evidence.py --device cuda --workers 16 --time_budget_s 450   # on one GPU
+    python benchmarks/evidence.py --device cuda --workers 16 --time_budget_s 420   # one GPU: run_evidence_gpu.sh
     python benchmarks/evidence.py --workers 2 --datasets digits --recipes plain --seeds 0 1 \\
         --fractions 0.1 --epochs 2 --max_epochs 4 --output /tmp/evidence              # a quick look
 """
 
 import argparse
+import contextlib
 import datetime
+import functools
 import json
 import math
 import multiprocessing
@@ -53,6 +57,7 @@ import platform
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
@@ -129,6 +134,11 @@ def parse_args(argv=None):
         type=int,
         default=5,
         help="The time plan keeps at least this many seeds before it drops fractions.",
+    )
+    parser.add_argument(
+        "--report_only",
+        action="store_true",
+        help="Run nothing: rebuild the report from runs.jsonl at the budget that the last search chose.",
     )
     parser.add_argument("--output", default="benchmarks/results/evidence/gpu")
     args = parser.parse_args(argv)
@@ -296,11 +306,15 @@ def runs_file(args) -> str:
     return os.path.join(args.output, "runs.jsonl")
 
 
+def claim_file(output: str, key: tuple) -> str:
+    return os.path.join(output, "claims", "_".join(map(str, key)))
+
+
 def claim(output: str, key: tuple) -> bool:
     """True for the one process that creates the claim file of `key` (so workers share the list)."""
     os.makedirs(os.path.join(output, "claims"), exist_ok=True)
     try:
-        os.close(os.open(os.path.join(output, "claims", "_".join(map(str, key))), os.O_CREAT | os.O_EXCL))
+        os.close(os.open(claim_file(output, key), os.O_CREAT | os.O_EXCL))
         return True
     except FileExistsError:
         return False
@@ -342,8 +356,6 @@ def picture_models_dir(args, dataset: str, epochs: int) -> str:
 def work(args, runs: list[dict]) -> None:
     """One worker: trains and scores every run of `runs` that no process has finished or claimed, and
     appends each to runs.jsonl as it finishes."""
-    if args.workers > 1:
-        torch.set_num_threads(1)  # one core per worker; the arithmetic is on the device
     tests = {}
     for run in runs:
         if run_key(run) in read_runs(runs_file(args)) or not claim(args.output, run_key(run)):
@@ -366,31 +378,35 @@ def work(args, runs: list[dict]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def run_batch(args, runs: list[dict]) -> list[dict]:
-    """Trains and scores the runs of `runs` not finished yet on `args.workers` processes; returns every
+def worker_pool(args):
+    """The `args.workers` processes that share the device, one CPU thread each, as a context manager;
+    for one worker, None (this process, with torch's threads)."""
+    if args.workers == 1:
+        return contextlib.nullcontext()
+    # Spawned, not forked: a forked child cannot use CUDA. They live for the whole study, so that each
+    # imports torch and starts CUDA once.
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(args.workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,))
+
+
+def run_batch(args, runs: list[dict], pool=None) -> list[dict]:
+    """Trains and scores the runs of `runs` not finished yet on `pool` (see `worker_pool`); returns every
     finished run once all of `runs` are (waiting for those that another invocation claimed)."""
     pending = [run for run in runs if run_key(run) not in read_runs(runs_file(args))]
-    if args.workers == 1:
+    if pool is None:
         work(args, pending)
     elif pending:
-        context = multiprocessing.get_context("spawn")  # a forked child cannot use CUDA
-        workers = [context.Process(target=work, args=(args, pending)) for _ in range(min(args.workers, len(pending)))]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        failed = [worker.exitcode for worker in workers if worker.exitcode]
-        if failed:
-            raise RuntimeError(
-                f"{len(failed)} of {len(workers)} workers failed (exit codes {failed}); their runs stay claimed: "
-                f"delete {os.path.join(args.output, 'claims')} before resuming."
-            )
+        # Each worker takes the whole list and claims its runs one by one; a worker's error is raised here.
+        list(pool.map(work, [args] * args.workers, [pending] * args.workers))
     while True:
         finished = read_runs(runs_file(args))
-        missing = sum(run_key(run) not in finished for run in runs)
+        missing = [run_key(run) for run in runs if run_key(run) not in finished]
         if not missing:
             return list(finished.values())
-        log(f"waiting for {missing} runs claimed by another process (delete {args.output}/claims if none runs)")
+        unclaimed = [key for key in missing if not os.path.exists(claim_file(args.output, key))]
+        if unclaimed:  # the workers were to claim every run: a bug, not a run to wait for
+            raise RuntimeError(f"no worker claimed {unclaimed}")
+        log(f"waiting for {len(missing)} runs claimed by another process (delete {args.output}/claims if none runs)")
         time.sleep(30)
 
 
@@ -419,7 +435,7 @@ def fits(args, runs: list[dict], finished: list[dict]) -> bool:
 
 
 def seconds_left(args) -> float:
-    return args.started + args.time_budget_s - time.monotonic()
+    return max(0.0, args.started + args.time_budget_s - time.monotonic())  # runs all finished fit at 0 s
 
 
 def plateau_rows(runs: list[dict], args, epochs: int) -> list[dict]:
@@ -788,12 +804,19 @@ def main(argv=None):
     args.started = time.monotonic()
     os.makedirs(args.output, exist_ok=True)
 
-    def run(runs):
-        return run_batch(args, runs)
-
-    budget = search_budget(args, run) if args.plateau_check else args.epochs
-    seeds, fractions = fit_study(args, budget, list(read_runs(runs_file(args)).values()))
-    report(run(study_runs(args, budget, seeds, fractions)), args, budget)
+    budget_file = os.path.join(args.output, "budget.json")  # the search's choice, for --report_only
+    if args.report_only:
+        with open(budget_file) as f:
+            budget = json.load(f)["budget_epochs"]
+    else:
+        with worker_pool(args) as pool:
+            run = functools.partial(run_batch, args, pool=pool)
+            budget = search_budget(args, run) if args.plateau_check else args.epochs
+            with open(budget_file, "w") as f:
+                json.dump({"budget_epochs": budget}, f)
+            seeds, fractions = fit_study(args, budget, list(read_runs(runs_file(args)).values()))
+            run(study_runs(args, budget, seeds, fractions))
+    report(list(read_runs(runs_file(args)).values()), args, budget)
 
 
 if __name__ == "__main__":
