@@ -415,6 +415,11 @@ def training_passes(run: dict) -> float:
     return run["epochs"] * run["fraction"]
 
 
+def seconds_per_pass(finished: list[dict]) -> float:
+    """Training seconds per pass over a training split, over the finished runs."""
+    return sum(run["train_seconds"] for run in finished) / sum(map(training_passes, finished))
+
+
 def predicted_seconds(args, runs: list[dict], finished: list[dict]) -> float:
     """Wall seconds that the runs of `runs` (each counted once) not in `finished` would take on `args.workers` workers.
 
@@ -422,7 +427,7 @@ def predicted_seconds(args, runs: list[dict], finished: list[dict]) -> float:
     workers shared the device), times PLAN_MARGIN; the workers take the runs as they come, which ends
     within their sum over the workers plus the longest run.
     """
-    per_pass = sum(run["train_seconds"] for run in finished) / sum(map(training_passes, finished))
+    per_pass = seconds_per_pass(finished)
     done = {run_key(run) for run in finished}
     todo = {run_key(run): run for run in runs if run_key(run) not in done}  # a run that two lists share, once
     seconds = [PLAN_MARGIN * per_pass * training_passes(run) for run in todo.values()]
@@ -484,7 +489,8 @@ def search_budget(args, run) -> int:
             args, plateau_runs(args, epochs, seeds) + smallest_study(epochs), finished
         ):
             seeds.pop()
-        log(f"the search trains seeds {seeds}")
+        log(f"probe: {seconds_per_pass(finished):.1f} s per pass over a training split in a run, {args.workers} "
+            f"workers; the search trains seeds {seeds}")  # fmt: skip
     while True:
         finished = run(plateau_runs(args, epochs, seeds))
         rows = plateau_rows(finished, args, epochs)
@@ -511,8 +517,10 @@ def fit_study(args, epochs: int, finished: list[dict]) -> tuple[list[int], list[
             fractions.pop()
     if (seeds, fractions) != (args.seeds, sorted(args.fractions)):
         predicted = predicted_seconds(args, study_runs(args, epochs, seeds, fractions), finished)
+        whole = predicted_seconds(args, study_runs(args, epochs, args.seeds, args.fractions), finished)
         log(f"to fit the time left ({seconds_left(args):.0f} s), the study at {epochs} epochs keeps seeds {seeds} and "
-            f"fractions {fractions} of {sorted(args.fractions)}: about {predicted:.0f} s")  # fmt: skip
+            f"fractions {fractions} of {sorted(args.fractions)}: about {predicted:.0f} s (the whole design: "
+            f"{whole:.0f} s)")  # fmt: skip
     return seeds, fractions
 
 
