@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU measurement of issue 19 in one run, within 9 minutes on one H100/H200 (each section has its
-# own time limit, so a slow section loses its own figures, not the others'):
+# own time limit, 8.5 minutes in all with their grace periods, so a slow section loses its own figures,
+# not the others'):
+#   0. tests/test_triton.py on the GPU: the fused kernels' labels, losses and gradients against scipy and
+#      the float64 reference (adversarial masks, both connectivities, every dtype), where races would show;
 #   1. benchmarks/bench_loss.py: spatial_entropy forward + backward at the listed shapes, noise and smooth
 #      scores, against the authors' structure, with every labelling algorithm (scipy, propagation, the
 #      fused Triton kernels): median times, kernel launches per forward + backward (torch.profiler), host
@@ -51,27 +54,31 @@ section() {  # TITLE SECONDS COMMAND...: run COMMAND within SECONDS and print it
     local title="$1" limit="$2" start=$SECONDS status=0
     shift 2
     echo "== $title (limit ${limit} s)"
-    timeout --kill-after 10 "$limit" "$@" || status=$?
+    timeout --kill-after 5 "$limit" "$@" || status=$?
     [ "$status" = 0 ] || { echo "!! $title: exit status $status (124: timed out)"; failed=1; }
     echo "== $title: $((SECONDS - start)) s"
 }
+
+if [ "$DEVICE" = cuda ]; then
+    section "0. the Triton kernels' tests on the GPU" 90 "$PY" -m pytest tests/test_triton.py -x -q -p no:cacheprovider
+fi
 
 if [ "$QUICK" = 1 ]; then
     section "1. spatial_entropy, every algorithm, against the authors' structure" 300 \
         "$PY" benchmarks/bench_loss.py --device "$DEVICE" --out "$OUT_DIR" --repeats 1 --no-sweep \
         --shapes 2x3x6x5 --compile 2x3x6x5
 else
-    section "1. spatial_entropy, every algorithm, against the authors' structure" 200 \
+    section "1. spatial_entropy, every algorithm, against the authors' structure" 170 \
         "$PY" benchmarks/bench_loss.py --device "$DEVICE" --out "$OUT_DIR" --repeats 10 --no-sweep --compile
 fi
 
 if [ "$STEP" = 1 ]; then
     models=(vit_s16 deit_s16 dinov2_s14_reg4)
-    section "2a. training step, batch 16, bf16 autocast, with peak memory" 150 \
+    section "2a. training step, batch 16, bf16 autocast, with peak memory" 120 \
         "$PY" benchmarks/bench_step.py --device "$DEVICE" --bf16 --batch 16 --repeats 20 --models "${models[@]}" \
-        --output "$OUT_DIR/bench_step_${DEVICE}_b16"
-    section "2b. training step, batch 64, bf16 autocast" 150 \
+        --time-target 1.02 --memory-target 1.01 --output "$OUT_DIR/bench_step_${DEVICE}_b16"
+    section "2b. training step, batch 64, bf16 autocast" 110 \
         "$PY" benchmarks/bench_step.py --device "$DEVICE" --bf16 --batch 64 --repeats 20 --no-memory \
-        --models "${models[@]}" --output "$OUT_DIR/bench_step_${DEVICE}_b64"
+        --models "${models[@]}" --time-target 1.01 --output "$OUT_DIR/bench_step_${DEVICE}_b64"
 fi
 exit $failed

@@ -1,6 +1,6 @@
 """Connected-component labelling of many small boolean grids at once.
 
-Two exact algorithms, one result:
+Three exact algorithms, one result:
 
 * ``"scipy"`` (CPU): a single ``scipy.ndimage.label`` call labels all maps, stacked into one
   2-D image with an empty row after each map so that no region crosses from one map into the
@@ -19,7 +19,6 @@ All run inside one registered operator, ``torch.ops.sar_hf.connected_components`
 gives them the output shapes).
 """
 
-import functools
 import importlib.util
 import math
 
@@ -94,25 +93,44 @@ def label_maps(maps: torch.Tensor, connectivity: int, algorithm: str = "auto") -
 def resolve_algorithm(algorithm: str, device: torch.device, num_pixels: int) -> str:
     """The labelling that `algorithm` runs for maps of `num_pixels` pixels on `device`.
 
-    `"auto"` is scipy on a CPU, Triton on CUDA when it is installed, propagation otherwise; Triton
-    for maps larger than `MAX_TRITON_PIXELS` falls back to propagation, with a warning once.
+    `"auto"` is scipy on a CPU; on CUDA, Triton where it runs (installed, an NVIDIA GPU of compute
+    capability 7.0 or more) unless `torch.use_deterministic_algorithms` is on (its region sums are
+    atomic adds, whose order varies); propagation otherwise. Triton for maps larger than
+    `MAX_TRITON_PIXELS` falls back to propagation, with a warning once.
     """
     if algorithm == "auto":
         if device.type == "cpu":
             return "scipy"
-        algorithm = "triton" if device.type == "cuda" and _triton_installed() else "propagation"
-    if algorithm == "triton" and num_pixels > MAX_TRITON_PIXELS:
-        logger.warning_once(
-            f"Maps of {num_pixels} patches exceed the {MAX_TRITON_PIXELS} that the Triton kernels hold; "
-            "labelling them with the 'propagation' algorithm instead."
+        fused = device.type == "cuda" and not torch.are_deterministic_algorithms_enabled() and _triton_runs_on(device)
+        algorithm = "triton" if fused else "propagation"
+    if algorithm == "triton" and not _TRITON_INSTALLED:
+        raise ImportError(
+            "algorithm='triton' needs Triton: `pip install 'sar_hf[triton]'` (CUDA builds of torch bring it), or "
+            "use algorithm='auto'."
         )
+    if algorithm == "triton" and num_pixels > MAX_TRITON_PIXELS:
+        if not torch.compiler.is_compiling():  # Dynamo cannot trace a logging call
+            logger.warning_once(
+                f"Maps of {num_pixels} patches exceed the {MAX_TRITON_PIXELS} that the Triton kernels hold; "
+                "labelling them with the 'propagation' algorithm instead."
+            )
         return "propagation"
     return algorithm
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_TRITON_RUNS_ON: dict[int, bool] = {}
+
+
+@torch.compiler.assume_constant_result  # read once, at trace time, by Dynamo
+def _triton_runs_on(device: torch.device) -> bool:
+    """Whether Triton compiles for this CUDA device: installed, NVIDIA (ROCm is untested), sm_70 or newer."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _TRITON_RUNS_ON:
+        _TRITON_RUNS_ON[index] = (
+            _TRITON_INSTALLED and torch.version.hip is None and torch.cuda.get_device_capability(index) >= (7, 0)
+        )
+    return _TRITON_RUNS_ON[index]
 
 
 def max_regions(gh: int, gw: int, connectivity: int) -> int:

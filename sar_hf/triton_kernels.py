@@ -1,12 +1,13 @@
 """Fused Triton kernels for the labelling and the spatial entropy: one program per map.
 
-A map of up to `MAX_PIXELS` pixels (64×64) fits one program's registers, so each program reads its
-map once, labels it, sums its regions and takes its entropy without leaving the chip, except for a
-per-map scratch row in global memory through which its threads see each other's pointers (every
-write is followed by a `debug_barrier`, a CTA-wide barrier that also orders global memory, and the
-scratch is read with `volatile` loads). One launch labels all maps; the entropy takes two launches
-forward (the maps, then the mean over them) and one backward, with no host synchronisation and no
-shape that depends on the data.
+A map of up to `MAX_TRITON_PIXELS` pixels (64×64) is one program's block, so each program reads
+its map once, labels it, sums its regions and takes its entropy in one launch, through a per-map
+scratch row in global memory by which its threads see each other's pointers (every write is
+followed by a `debug_barrier`, a CTA-wide barrier that also orders global memory, and the scratch
+is read with `volatile` loads). Every loop's condition is a sum over the whole block, so all
+threads of a program take the same number of trips and meet at the same barriers. One launch
+labels all maps; the entropy takes two launches forward (the maps, then the mean over them) and
+one backward, with no host synchronisation and no shape that depends on the data.
 
 Each program labels its map by union-find over pixel indices (`_components`). `parent` holds a
 pixel index; a root points at itself; every tree is a star at the start of a round. A round:
@@ -16,13 +17,19 @@ pixel index; a root points at itself; every tree is a star at the start of a rou
    pixels hook the same root at once);
 3. pointer jumping (`parent = parent[parent]`, synchronously) until every tree is a star again.
 
-Why the loop ends, exactly: a root only ever moves under a smaller root of the same component, so
-`parent` never increases, never leaves its component and never forms a cycle; each round that
-hooks lowers at least one pointer, so the rounds end. They end when no pixel has a neighbour
-in another tree, i.e. each component is one star, whose root is the smallest index that ever was
-a root in it: its first pixel in raster order, as scipy numbers regions. The number of rounds
-depends on the mask (a handful for attention maps, more for long snakes), but the host never
-waits for it: the loop runs on the device.
+Why the loops end, exactly: a root only ever moves under a smaller root of the same component, so
+`parent` never increases, never leaves its component and never forms a cycle. Pointer jumping
+therefore follows strictly decreasing chains, and each jump halves every chain's length: it ends
+within log2(n) + 1 trips. Each round that hooks lowers at least one root's pointer, so the rounds
+end; they end when no pixel has a neighbour in another tree, i.e. each component is one star,
+whose root is the smallest index that ever was a root in it: its first pixel in raster order, as
+scipy numbers regions. The number of rounds depends on the mask (3 to 5 for snakes, spirals and
+random masks, about 10 for the test suite's slowest comb), but the host never waits for it: the
+loop runs on the device.
+
+Divisions are correctly rounded (`_div`; Triton's float32 `/` is approximate on GPUs) and contraction
+into fused multiply-adds is off, so that a map's mask, its single region's `p = 1` and the
+entropy round as the eager path's float32 operations do.
 
 `sar_hf.components` and `sar_hf.entropy` pick these kernels (`algorithm="triton"`); this module is
 imported only then, since Triton is optional. On a CPU, Triton's interpreter runs them
@@ -56,7 +63,7 @@ def label_maps(maps: torch.Tensor, connectivity: int) -> tuple[torch.Tensor, tor
     block = _block(gh * gw)
     with _launching(maps):
         _label_kernel[(m,)](
-            maps.contiguous().view(torch.uint8), labels, counts, gh, gw, connectivity, block, num_warps=_warps(block)
+            maps.contiguous().view(torch.uint8), labels, counts, gh, gw, connectivity, block, **_options(block)
         )
     return labels, counts
 
@@ -95,9 +102,11 @@ def _entropy_op(
         if m:  # a grid of 0 programs is no launch
             _entropy_kernel[(m,)](
                 scores.contiguous(), maps, valid.view(torch.uint8), weight, advantage, parents,
-                gh, gw, connectivity, block, num_warps=_warps(block),
+                gh, gw, connectivity, block, **_options(block),
             )  # fmt: skip
-        _reduce_kernel[(1,)](maps, valid.view(torch.uint8), per_map, skipped, m, mean, _REDUCE_BLOCK)
+        _reduce_kernel[(1,)](
+            maps, valid.view(torch.uint8), per_map, skipped, m, mean, _REDUCE_BLOCK, **_options(_REDUCE_BLOCK)
+        )
     return per_map, skipped, weight, advantage
 
 
@@ -119,15 +128,16 @@ def _entropy_outputs(scores, mean):
 def _entropy_backward_op(
     grad: torch.Tensor, skipped: torch.Tensor, weight: torch.Tensor, advantage: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Incoming gradient (`[]` for the mean, `[M]` per map) -> `[M, n]` gradient of the scores in `dtype`."""
+    """Incoming gradient (`[]` for the mean, `[M]` per map, any stride: `per_map.sum()` hands back an
+    expanded one) -> `[M, n]` gradient of the scores in `dtype`."""
     m, n = advantage.shape
     grad_scores = advantage.new_empty((m, n), dtype=dtype)
     block = _block(n)
     if m:
         with _launching(advantage):
             _entropy_backward_kernel[(m,)](
-                grad.contiguous(), skipped, weight, advantage, grad_scores, m, n, grad.dim() == 0, block,
-                num_warps=_warps(block),
+                grad, grad.stride(0) if grad.dim() else 0, skipped, weight, advantage, grad_scores, m, n,
+                grad.dim() == 0, block, **_options(block),
             )  # fmt: skip
     return grad_scores
 
@@ -162,15 +172,17 @@ def _block(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
-def _warps(block: int) -> int:
-    return 4 if block <= 256 else 8 if block <= 1024 else 16
+def _options(block: int) -> dict:
+    """Launch options: about 8 pixels per thread (4096 pixels on 16 warps spill registers, on 32 they
+    don't), and no fused multiply-adds (see the module docstring)."""
+    return {"num_warps": max(4, min(32, block // 256)), "enable_fp_fusion": False}
 
 
 def _launching(tensor: torch.Tensor):
     """Launches on `tensor`'s GPU; a clear error for CPU tensors outside Triton's interpreter."""
     if tensor.device.type == "cuda":
         return torch.cuda.device(tensor.device)
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if os.environ.get("TRITON_INTERPRET", "").lower() not in ("1", "true", "on"):
         raise ValueError(
             f"algorithm='triton' runs on CUDA tensors, got a {tensor.device.type} tensor; use algorithm='auto' "
             "(scipy on a CPU), or set TRITON_INTERPRET=1 before importing sar_hf to run the kernels in Triton's "
@@ -206,7 +218,8 @@ def _components(fg, pixel, parent_ptr, gh, gw, CONNECTIVITY: tl.constexpr, BLOCK
         hooked = tl.sum(hook.to(tl.int32), axis=0)
         tl.debug_barrier()  # every neighbour read before any root moves
         # 2. Hooking: each root moves under the smallest root that touches its tree.
-        tl.atomic_min(parent_ptr + parent, low.to(parent_ptr.dtype.element_ty), mask=hook)
+        # Relaxed, block-scoped: the barriers around it order it, and only this program reads the row.
+        tl.atomic_min(parent_ptr + parent, low.to(parent_ptr.dtype.element_ty), mask=hook, sem="relaxed", scope="cta")
         tl.debug_barrier()
         # 3. Pointer jumping, synchronous (read all, then write all), until the trees are stars.
         jumped = 1
@@ -266,7 +279,7 @@ def _entropy_kernel(
     s = tl.where(valid, s, 0)
     scale = _safe_scale(tl.max(tl.abs(s), axis=0))
     x = s * scale
-    x = x - tl.sum(x, axis=0) / n  # step 2: s - mean
+    x = x - _div(tl.sum(x, axis=0), n.to(dtype))  # step 2: s - mean
     fg = inside & (x > 0)
     root = _components(fg, pixel, parents_ptr + m * n, gh, gw, CONNECTIVITY, BLOCK)  # step 3
     x = tl.where(fg, x + _EPS, 0)  # step 4, the eps after the subtraction (see sar_hf.entropy)
@@ -274,7 +287,7 @@ def _entropy_kernel(
     mass_ptr = advantage_ptr + m * n
     tl.store(mass_ptr + pixel, tl.zeros([BLOCK], dtype), mask=inside)
     tl.debug_barrier()
-    tl.atomic_add(mass_ptr + root, x, mask=fg)
+    tl.atomic_add(mass_ptr + root, x, mask=fg, sem="relaxed", scope="cta")
     tl.debug_barrier()
     mass = tl.load(mass_ptr + root, mask=fg, other=0, volatile=True)
     # The total over the regions (each counted at its root), so that one region has p = 1 exactly.
@@ -282,14 +295,25 @@ def _entropy_kernel(
     total = tl.sum(tl.where(is_root, mass, 0), axis=0)
     total = tl.where(total > 0, total, 1)  # an empty mask has no regions and entropy 0
     # Step 6, once per region; `0 - sum` so that one region gives +0, not -0.
-    log_p = tl.log(tl.where(fg, mass / total, 1))
-    entropy = 0 - tl.sum(tl.where(is_root, mass / total * log_p, 0), axis=0)
+    p = _div(mass, total)
+    log_p = tl.log(tl.where(fg, p, 1))
+    entropy = 0 - tl.sum(tl.where(is_root, p * log_p, 0), axis=0)
     entropy = tl.where(valid, entropy, 0)
     tl.debug_barrier()  # every mass read before the row is overwritten
     tl.store(mass_ptr + pixel, tl.where(fg, log_p + entropy, 0), mask=inside)
     tl.store(entropy_ptr + m, entropy)
     tl.store(valid_ptr + m, valid.to(tl.uint8))
-    tl.store(weight_ptr + m, tl.where(valid, scale / total, 0))
+    tl.store(weight_ptr + m, tl.where(valid, _div(scale, total), 0))
+
+
+@triton.jit
+def _div(a, b):
+    """`a / b` correctly rounded: Triton's float32 `/` is approximate on GPUs, its float64 `/` is not."""
+    if a.dtype == tl.float64:
+        quotient = a / b
+    else:
+        quotient = tl.div_rn(a, b)
+    return quotient
 
 
 @triton.jit
@@ -320,25 +344,29 @@ def _reduce_kernel(entropy_ptr, valid_ptr, mean_ptr, skipped_ptr, M, MEAN: tl.co
     valid = tl.sum(count, axis=0)
     tl.store(skipped_ptr, M - valid)
     if MEAN:
-        tl.store(mean_ptr, tl.sum(total, axis=0) / tl.maximum(valid, 1))
+        tl.store(mean_ptr, _div(tl.sum(total, axis=0), tl.maximum(valid, 1).to(total.dtype)))
 
 
 @triton.jit
 def _entropy_backward_kernel(
-    grad_ptr, skipped_ptr, weight_ptr, advantage_ptr, out_ptr, M, n, MEAN: tl.constexpr, BLOCK: tl.constexpr
-):
+    grad_ptr, grad_stride, skipped_ptr, weight_ptr, advantage_ptr, out_ptr, M, n,
+    MEAN: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     """Program m: `out[m, k] = g_m · weight_m · (mean_j advantage_j − advantage_k)`, with `g_m` the
-    incoming gradient of map m (for the mean: the scalar over the valid maps' count)."""
+    incoming gradient of map m (for the mean: the scalar over the valid maps' count); 0 for skipped
+    maps (`weight_m = 0`) whatever `g_m` is, as the eager path."""
     m = tl.program_id(0).to(tl.int64)
     pixel = tl.arange(0, BLOCK)
     inside = pixel < n
+    dtype = advantage_ptr.dtype.element_ty
     if MEAN:
-        g = tl.load(grad_ptr) / tl.maximum(M - tl.load(skipped_ptr), 1)
+        g = _div(tl.load(grad_ptr).to(dtype), tl.maximum(M - tl.load(skipped_ptr), 1).to(dtype))
     else:
-        g = tl.load(grad_ptr + m)
+        g = tl.load(grad_ptr + m * grad_stride).to(dtype)
     advantage = tl.load(advantage_ptr + m * n + pixel, mask=inside, other=0)
-    c = g.to(advantage.dtype) * tl.load(weight_ptr + m)
-    grad = c * (tl.sum(advantage, axis=0) / n - advantage)
+    weight = tl.load(weight_ptr + m)
+    c = tl.where(weight != 0, g * weight, 0)  # a non-finite g meets no 0 * inf on a skipped map
+    grad = c * (_div(tl.sum(advantage, axis=0), n.to(dtype)) - advantage)
     tl.store(out_ptr + m * n + pixel, grad.to(out_ptr.dtype.element_ty), mask=inside)
 
 

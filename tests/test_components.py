@@ -99,6 +99,7 @@ def test_auto_is_scipy_on_a_cpu_and_propagation_elsewhere(monkeypatch, device):
     # Both algorithms give the same labels, so only the calls show the choice: on a CPU scipy's one
     # pass is the fast one; on a GPU propagation never synchronises. The same for
     # `connected_components` and `spatial_entropy`.
+    monkeypatch.setattr(components, "_triton_runs_on", lambda device: False)  # Triton's choice: test_triton.py
     calls = []
     for name in ("_label_scipy", "_label_propagation"):
         original = getattr(components, name)

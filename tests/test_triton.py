@@ -1,8 +1,9 @@
 """The Triton kernels (`sar_hf.triton_kernels`) against scipy's labels and the float64 reference loss.
 
-Without a GPU they run in Triton's interpreter (set up in conftest.py), one program after another
-on CPU tensors, so the maps here are few; `test_kernels_compile_for_a_gpu` builds the real GPU
-binaries, which the interpreter never does.
+On a GPU machine they run on the GPU (`benchmarks/run_gpu.sh` runs this file first). Without one
+they run in Triton's interpreter (set up in conftest.py), one program after another on CPU tensors,
+so the maps here are few; `test_kernels_compile_for_a_gpu` builds the real GPU binaries, which the
+interpreter never does.
 """
 
 import contextlib
@@ -22,6 +23,7 @@ from test_components import (
     assert_same_partition,
     random_mask,
     reference_labels,
+    slow_comb,
 )
 from test_entropy import SHAPES, assert_matches_reference, non_finite_batch, reference, scores_for
 from test_export_entropy import assert_same_loss_and_grads, model_and_input
@@ -33,6 +35,7 @@ triton = pytest.importorskip("triton")
 triton_kernels = pytest.importorskip("sar_hf.triton_kernels")
 
 KERNELS = ("_label_kernel", "_entropy_kernel", "_reduce_kernel", "_entropy_backward_kernel")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU through the interpreter
 
 # -- labels -----------------------------------------------------------------------------------
 
@@ -43,9 +46,21 @@ def test_adversarial_masks_match_scipy(name, connectivity):
     # Snakes, spirals, checkerboards, diagonals, stripes, empty and full, from 1x1 to 64x64 and 1xn, nx1.
     for grid in ADVERSARIAL_GRIDS:
         mask = ADVERSARIAL[name](*grid)
-        labels, count = connected_components(torch.from_numpy(mask), connectivity, "triton", return_counts=True)
+        labels, count = connected_components(
+            torch.from_numpy(mask).to(DEVICE), connectivity, "triton", return_counts=True
+        )
         assert_same_partition(labels, mask, connectivity)
         assert count.item() == reference_labels(mask, connectivity).max()
+
+
+@pytest.mark.parametrize("connectivity", CONNECTIVITIES)
+def test_the_slowest_comb_that_fits_matches_scipy(connectivity):
+    # test_components.py's comb whose trees merge slowest, at the largest size the kernels hold (7x269).
+    mask = slow_comb(5, 3)
+    assert mask.size <= components.MAX_TRITON_PIXELS
+    assert_same_partition(
+        connected_components(torch.from_numpy(mask).to(DEVICE), connectivity, "triton"), mask, connectivity
+    )
 
 
 @pytest.mark.parametrize("connectivity", CONNECTIVITIES)
@@ -56,9 +71,9 @@ def test_random_masks_get_scipys_labels(grid, connectivity):
     rng = np.random.default_rng(grid[0] * 100 + grid[1])
     densities = np.linspace(0, 1, 12).reshape(2, 6, 1, 1)
     mask = torch.from_numpy(rng.random((2, 6, *grid)) < densities)
-    labels, counts = connected_components(mask, connectivity, "triton", return_counts=True)
+    labels, counts = connected_components(mask.to(DEVICE), connectivity, "triton", return_counts=True)
     assert_same_partition(labels, mask.numpy(), connectivity)
-    expected, expected_counts = connected_components(mask, connectivity, "scipy", return_counts=True)
+    expected, expected_counts = connected_components(mask.to(DEVICE), connectivity, "scipy", return_counts=True)
     assert torch.equal(labels, expected) and torch.equal(counts, expected_counts)
 
 
@@ -89,15 +104,39 @@ FALLBACK_MESSAGE = (
 )
 
 
-def test_auto_picks_triton_for_cuda_tensors_when_it_is_installed(monkeypatch):
-    cuda, cpu, meta = torch.device("cuda"), torch.device("cpu"), torch.device("meta")
-    assert components.resolve_algorithm("auto", cuda, 196) == "triton"
-    assert components.resolve_algorithm("auto", cuda, 4097) == "propagation"
-    assert components.resolve_algorithm("auto", cpu, 196) == "scipy"
-    assert components.resolve_algorithm("auto", meta, 196) == "propagation"
-    monkeypatch.setattr(components, "_triton_installed", lambda: False)
-    assert components.resolve_algorithm("auto", cuda, 196) == "propagation"
-    assert components.resolve_algorithm("triton", cpu, 196) == "triton"  # asked for by name
+def test_auto_picks_triton_where_it_runs(monkeypatch):
+    cuda, cpu, meta = torch.device("cuda", 0), torch.device("cpu"), torch.device("meta")
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability[0])
+    monkeypatch.setattr(torch.version, "hip", None)
+
+    def auto(device, pixels=196):
+        monkeypatch.setattr(components, "_TRITON_RUNS_ON", {})  # read the device afresh
+        return components.resolve_algorithm("auto", device, pixels)
+
+    assert [auto(cuda), auto(cuda, 4097), auto(cpu), auto(meta)] == ["triton", "propagation", "scipy", "propagation"]
+    capability[0] = (6, 0)  # a P100: Triton does not compile for it
+    assert auto(cuda) == "propagation"
+    capability[0] = (8, 0)
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm: untested
+    assert auto(cuda) == "propagation"
+    monkeypatch.setattr(torch.version, "hip", None)
+    torch.use_deterministic_algorithms(True)  # the kernels' atomic adds are not deterministic
+    try:
+        assert auto(cuda) == "propagation"
+    finally:
+        torch.use_deterministic_algorithms(False)
+    monkeypatch.setattr(components, "_TRITON_INSTALLED", False)
+    assert auto(cuda) == "propagation"
+    with pytest.raises(ImportError, match=r"pip install 'sar_hf\[triton\]'"):
+        components.resolve_algorithm("triton", cuda, 196)
+
+
+def test_the_fallback_warning_stays_out_of_compiled_graphs():
+    torch._dynamo.reset()
+    mask = torch.from_numpy(random_mask(np.random.default_rng(3), (1, 65, 64), 0.5))
+    labels = torch.compile(lambda m: connected_components(m, 8, "triton"), fullgraph=True)(mask)
+    assert_same_partition(labels, mask.numpy(), 8)
 
 
 def test_cpu_tensors_outside_the_interpreter_are_refused(monkeypatch):
@@ -114,21 +153,21 @@ def test_cpu_tensors_outside_the_interpreter_are_refused(monkeypatch):
 @pytest.mark.parametrize("smooth", [False, True], ids=["noise", "smooth"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_loss_and_gradient_match_the_float64_reference(shape, smooth):
-    scores = scores_for(shape, seed=4, smooth=smooth).requires_grad_()
+    scores = scores_for(shape, seed=4, smooth=smooth).to(DEVICE).requires_grad_()
     per_map = spatial_entropy(scores, shape[2:], reduction="none", algorithm="triton")
     assert per_map.dtype == torch.float32
-    assert_matches_reference(per_map, reference(scores, shape[2:]), rtol=1e-6)
+    assert_matches_reference(per_map.cpu(), reference(scores.cpu(), shape[2:]), rtol=1e-6)
     loss = spatial_entropy(scores, shape[2:], algorithm="triton")
-    assert_matches_reference(loss, reference(scores, shape[2:]).mean(), rtol=1e-6)
+    assert_matches_reference(loss.cpu(), reference(scores.cpu(), shape[2:]).mean(), rtol=1e-6)
     # The float64 gradient of the eager path (itself checked against finite differences of the
     # reference in test_entropy.py).
     (grad,) = torch.autograd.grad(loss, scores)
-    double = scores.detach().double().requires_grad_()
+    double = scores.detach().cpu().double().requires_grad_()
     (expected,) = torch.autograd.grad(spatial_entropy(double, shape[2:], algorithm="scipy"), double)
     assert grad.dtype == torch.float32
     if shape[2] * shape[3] > 1:
         assert expected.abs().max() > 0  # not vacuous
-    torch.testing.assert_close(grad.double(), expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+    torch.testing.assert_close(grad.cpu().double(), expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("connectivity", CONNECTIVITIES)
@@ -136,7 +175,7 @@ def test_loss_and_gradient_match_the_float64_reference(shape, smooth):
 def test_float64_gradient_equals_the_eager_one(reduction, connectivity):
     # In float64 the kernels compute in float64, and their analytic backward gives the eager path's
     # gradient (which test_entropy.py checks by gradcheck) to rounding: same formula, another order.
-    scores = scores_for((2, 3, 6, 7), dtype=torch.float64, seed=7).requires_grad_()
+    scores = scores_for((2, 3, 6, 7), dtype=torch.float64, seed=7).to(DEVICE).requires_grad_()
     grads = []
     for algorithm in ("triton", "scipy"):
         loss = spatial_entropy(scores, (6, 7), reduction, algorithm, connectivity)
@@ -149,18 +188,19 @@ def test_float64_gradient_equals_the_eager_one(reduction, connectivity):
 def test_non_finite_maps_are_skipped_and_counted():
     shape = (3, 4, 6, 6)
     scores, bad, expected = non_finite_batch()
+    scores, bad = scores.to(DEVICE), bad.to(DEVICE)
     leaf = scores.clone().requires_grad_()
     per_map, skipped = spatial_entropy(leaf, shape[2:], "none", "triton", return_skipped=True)
     assert skipped.item() == 4 and skipped.dtype == torch.int64
     assert (per_map[bad] == 0).all()
-    assert_matches_reference(per_map[~bad], expected[~bad.numpy()], rtol=1e-6)
+    assert_matches_reference(per_map[~bad].cpu(), expected[~bad.cpu().numpy()], rtol=1e-6)
     per_map.sum().backward()
     assert torch.isfinite(leaf.grad).all() and (leaf.grad[bad] == 0).all() and (leaf.grad[~bad] != 0).any()
     mean, skipped = spatial_entropy(scores, shape[2:], "mean", "triton", return_skipped=True)
     assert skipped.item() == 4
-    assert_matches_reference(mean, expected[~bad.numpy()].mean(), rtol=1e-6)  # over the 8 valid maps
+    assert_matches_reference(mean.cpu(), expected[~bad.cpu().numpy()].mean(), rtol=1e-6)  # over the 8 valid maps
     everything_bad, skipped = spatial_entropy(
-        torch.full((2, 3, 16), float("nan")), (4, 4), "mean", "triton", return_skipped=True
+        torch.full((2, 3, 16), float("nan"), device=DEVICE), (4, 4), "mean", "triton", return_skipped=True
     )
     assert everything_bad.item() == 0 and skipped.item() == 6
 
@@ -170,10 +210,10 @@ def test_low_precision_scores_are_read_as_they_are(dtype):
     # The kernels read half-precision scores directly (no cast launched), compute in float32 and
     # return the gradient in the scores' dtype, as the eager path does.
     shape = (2, 3, 14, 14)
-    scores = scores_for(shape, seed=3).to(dtype).requires_grad_()
+    scores = scores_for(shape, seed=3).to(DEVICE, dtype).requires_grad_()
     got = spatial_entropy(scores, shape[2:], "none", "triton")
     assert got.dtype == torch.float32
-    assert_matches_reference(got, reference(scores, shape[2:]), rtol=1e-6)
+    assert_matches_reference(got.cpu(), reference(scores.cpu(), shape[2:]), rtol=1e-6)
     (grad,) = torch.autograd.grad(got.sum(), scores)
     eager = scores.detach().clone().requires_grad_()
     (expected,) = torch.autograd.grad(spatial_entropy(eager, shape[2:], "none", "scipy").sum(), eager)
@@ -188,9 +228,9 @@ def test_extreme_magnitudes_stay_finite_and_exact(scale, dtype):
     # Rows beyond 2**60 are scaled down by a power of two built from the exponent bits.
     shape = (1, 2, 8, 8)
     scores = (scores_for(shape, dtype=torch.float64, seed=6).clamp(-1.0, 1.0) * scale).to(dtype)
-    leaf = scores.clone().requires_grad_()
+    leaf = scores.to(DEVICE).requires_grad_()
     per_map = spatial_entropy(leaf, shape[2:], "none", "triton")
-    assert_matches_reference(per_map, reference(scores, shape[2:]), rtol=1e-6)
+    assert_matches_reference(per_map.cpu(), reference(scores, shape[2:]), rtol=1e-6)
     per_map.sum().backward()
     assert torch.isfinite(leaf.grad).all() and (leaf.grad != 0).any()
 
@@ -198,12 +238,12 @@ def test_extreme_magnitudes_stay_finite_and_exact(scale, dtype):
 def test_single_region_and_empty_maps_give_positive_zero():
     one_region = torch.tensor([[[0.0, 0.0, 1.0, 1.0]]])
     constant = torch.zeros(1, 1, 4)
-    got = spatial_entropy(torch.cat([one_region, constant], dim=1), (2, 2), "none", "triton")
+    got = spatial_entropy(torch.cat([one_region, constant], dim=1).to(DEVICE), (2, 2), "none", "triton")
     assert got.tolist() == [[0.0, 0.0]] and not torch.signbit(got).any()
 
 
 def test_empty_batch():
-    scores = torch.randn(0, 6, 196, requires_grad=True)
+    scores = torch.randn(0, 6, 196, device=DEVICE, requires_grad=True)
     assert spatial_entropy(scores, (14, 14), "none", "triton").shape == (0, 6)
     loss, skipped = spatial_entropy(scores, (14, 14), "mean", "triton", return_skipped=True)
     assert loss.item() == 0.0 and skipped.item() == 0
@@ -220,8 +260,9 @@ def test_three_launches_and_no_other_tensor_work(monkeypatch, reduction):
     # computes on a tensor: only allocations and views reach the dispatcher, so nothing reads a
     # value on the host (which would show as `_local_scalar_dense` or a copy) and nothing else launches.
     launches = count_launches(monkeypatch)
-    scores = scores_for((4, 6, 14, 14), dtype=torch.bfloat16, seed=1).requires_grad_()
-    seed = torch.ones(() if reduction == "mean" else (4, 6))
+    scores = scores_for((4, 6, 14, 14), dtype=torch.bfloat16, seed=1).to(DEVICE).requires_grad_()
+    # The gradient `per_map.sum()` hands back: one value expanded over the maps (stride 0).
+    seed = torch.ones((), device=DEVICE).expand(() if reduction == "mean" else (4, 6))
     with TensorOps() as ops:
         loss = spatial_entropy(scores, (14, 14), reduction, "triton")
         assert launches == ["_entropy_kernel", "_reduce_kernel"]
@@ -243,13 +284,14 @@ def test_export_keeps_the_fused_loss_as_one_node():
     program = torch.export.export(module, (x,))
     targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
     assert targets.count("sar_hf.spatial_entropy_triton.default") == 1
-    torch.testing.assert_close(program.module()(x), module(x), rtol=1e-6, atol=1e-7)
+    assert_same_loss_and_grads(program.module(), module, x)  # the registered backward, through the graph
 
 
 def test_kernels_compile_for_a_gpu(tmp_path):
     # The interpreter runs the kernels' Python; only Triton's compiler checks that they lower to a GPU
-    # (types of loop-carried values, bitcasts, atomics). It runs here without a GPU, to PTX and a
-    # cubin for an H100/H200 (sm_90), for each dtype the kernels read and both connectivities.
+    # (types of loop-carried values, bitcasts, atomics, registers). It runs here without a GPU, to PTX and
+    # a cubin for an H100/H200 (sm_90), with the launch options of each block size the launchers use, for
+    # each dtype the kernels read and both connectivities.
     script = textwrap.dedent(
         """
         import triton
@@ -257,27 +299,27 @@ def test_kernels_compile_for_a_gpu(tmp_path):
         from triton.compiler import ASTSource
         from sar_hf import triton_kernels as k
 
-        def build(kernel, signature, constexprs):
-            src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-            binary = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        def build(kernel, block, signature, **constexprs):
+            signature = {**signature, "BLOCK": "constexpr", **{name: "constexpr" for name in constexprs}}
+            src = ASTSource(fn=kernel, signature=signature, constexprs={**constexprs, "BLOCK": block})
+            binary = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=k._options(block))
             assert binary.asm["cubin"], kernel
             print(kernel.fn.__name__)
 
-        for connectivity in (4, 8):
-            build(k._label_kernel, {"mask_ptr": "*u8", "labels_ptr": "*i64", "counts_ptr": "*i64", "gh": "i32",
-                  "gw": "i32", "CONNECTIVITY": "constexpr", "BLOCK": "constexpr"},
-                  {"CONNECTIVITY": connectivity, "BLOCK": 256})
-        for scores, dtype in (("bf16", "fp32"), ("fp16", "fp32"), ("fp32", "fp32"), ("fp64", "fp64")):
-            build(k._entropy_kernel, {"scores_ptr": f"*{scores}", "entropy_ptr": f"*{dtype}", "valid_ptr": "*u8",
-                  "weight_ptr": f"*{dtype}", "advantage_ptr": f"*{dtype}", "parents_ptr": "*i32", "gh": "i32",
-                  "gw": "i32", "CONNECTIVITY": "constexpr", "BLOCK": "constexpr"},
-                  {"CONNECTIVITY": 8, "BLOCK": 4096 if dtype == "fp64" else 256})
-            build(k._entropy_backward_kernel, {"grad_ptr": f"*{dtype}", "skipped_ptr": "*i64",
-                  "weight_ptr": f"*{dtype}", "advantage_ptr": f"*{dtype}", "out_ptr": f"*{scores}", "M": "i32",
-                  "n": "i32", "MEAN": "constexpr", "BLOCK": "constexpr"}, {"MEAN": True, "BLOCK": 256})
-            build(k._reduce_kernel, {"entropy_ptr": f"*{dtype}", "valid_ptr": "*u8", "mean_ptr": f"*{dtype}",
-                  "skipped_ptr": "*i64", "M": "i32", "MEAN": "constexpr", "BLOCK": "constexpr"},
-                  {"MEAN": False, "BLOCK": 1024})
+        label = {"mask_ptr": "*u8", "labels_ptr": "*i64", "counts_ptr": "*i64", "gh": "i32", "gw": "i32"}
+        build(k._label_kernel, 256, label, CONNECTIVITY=4)
+        build(k._label_kernel, 4096, label, CONNECTIVITY=8)
+        for scores, dtype, block in (("bf16", "fp32", 256), ("fp16", "fp32", 1024), ("fp32", "fp32", 4096),
+                                     ("fp64", "fp64", 256)):
+            build(k._entropy_kernel, block, {"scores_ptr": f"*{scores}", "entropy_ptr": f"*{dtype}",
+                  "valid_ptr": "*u8", "weight_ptr": f"*{dtype}", "advantage_ptr": f"*{dtype}", "parents_ptr": "*i32",
+                  "gh": "i32", "gw": "i32"}, CONNECTIVITY=8)
+            build(k._entropy_backward_kernel, block, {"grad_ptr": f"*{dtype}", "grad_stride": "i32",
+                  "skipped_ptr": "*i64", "weight_ptr": f"*{dtype}", "advantage_ptr": f"*{dtype}",
+                  "out_ptr": f"*{scores}", "M": "i32", "n": "i32"}, MEAN=scores == "fp32")
+        for dtype in ("fp32", "fp64"):
+            build(k._reduce_kernel, k._REDUCE_BLOCK, {"entropy_ptr": f"*{dtype}", "valid_ptr": "*u8",
+                  "mean_ptr": f"*{dtype}", "skipped_ptr": "*i64", "M": "i32"}, MEAN=True)
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
