@@ -8,11 +8,12 @@ by `config._attn_implementation`, falling back to their modeling file's own
 that carries relative position biases (BEiT). The capture wraps that kernel once, under its own
 name (in the registry, or in the modeling file for eager attention), so that the masking
 utilities and flash kernels, which look implementations up by name, see nothing new. The wrapper
-records *views* of q's [CLS] row, k and the mask when the calling module is the one a capture
-marked, then runs the kernel untouched: every layer keeps SDPA (or flash, flex, eager), and
-nothing N×N is built for the loss. The scores are formed after the forward pass, outside the
-layer, so gradient checkpointing replays the layer exactly, and attention dropout, which acts
-on the probabilities, never reaches them.
+records *views* of q's [CLS] row, k and the mask when the calling module is one that a capture
+marked (one layer for the loss; every layer at once for `sar-hf inspect`), then runs the kernel
+untouched: every layer keeps SDPA (or flash, flex, eager), and nothing N×N is built for the loss.
+The scores are formed after the forward pass, outside the layer, so gradient checkpointing
+replays the layer exactly, and attention dropout, which acts on the probabilities, never reaches
+them.
 
 The capture is also the one place that sees every forward pass and every use of its scores, so
 it is where a dropped SAR term is caught, whoever computed the loss: a training pass that needed
@@ -21,7 +22,7 @@ its term and whose scores were never popped stops its own backward with an error
 
 import functools
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -31,8 +32,8 @@ _MARK = "_sar_capture"  # the attribute that marks the captured attention module
 
 
 class CapturedScores(NamedTuple):
-    """The [CLS] scores of one forward pass: `scores` `[B, heads, gh*gw]`, `grid_size` `(gh, gw)`,
-    and whether the model was in training mode."""
+    """The [CLS] scores of one forward pass: `scores` `[B, heads, gh*gw]` (`[B, layers, heads, gh*gw]`
+    for a capture of several layers), `grid_size` `(gh, gw)`, and whether the model was in training mode."""
 
     scores: torch.Tensor
     grid_size: tuple[int, int]
@@ -40,7 +41,7 @@ class CapturedScores(NamedTuple):
 
 
 class _Pass:
-    """One forward pass of the model: its patch grid and mode, what the marked layer recorded, and
+    """One forward pass of the model: its patch grid and mode, what each marked layer recorded, and
     whether its scores were popped."""
 
     __slots__ = ("grid_size", "recorded", "training", "used")
@@ -48,14 +49,15 @@ class _Pass:
     def __init__(self, grid_size: tuple[int, int], training: bool):
         self.grid_size = grid_size
         self.training = training
-        self.recorded = None
+        self.recorded = {}  # attention module -> its [CLS] query, keys, mask and scaling
         self.used = False
 
 
 class CLSScoreCapture:
     r"""
     Captures the pre-softmax scores `q_cls · k_j · scaling + mask_cls,j` of the [CLS] query against
-    the patch keys of one attention layer, at every forward pass of `model`.
+    the patch keys of one attention layer, or of several in the same pass, at every forward pass of
+    `model`.
 
     Tokens that come before the patch grid (DeiT's distillation token, DINOv2's registers) are
     left out: the patches are the last `gh*gw` tokens, with `(gh, gw)` read from each batch's
@@ -69,8 +71,10 @@ class CLSScoreCapture:
     Args:
         model ([`PreTrainedModel`]):
             A ViT-family image classifier (or a PEFT model wrapping one).
-        layer (`int`, *optional*, defaults to -1):
-            The encoder layer whose attention is captured; negative counts from the end.
+        layer (`int` or `Sequence[int]`, *optional*, defaults to -1):
+            The encoder layer whose attention is captured; negative counts from the end. A sequence
+            of distinct layers captures each of them in the one forward pass, and the scores gain a
+            layer axis, in the order given (as indexing a tensor with a list keeps the axis).
         weight (`Callable[[], float]`, *optional*):
             λ of the current training step, read at the end of each training pass; without it
             nothing is guarded.
@@ -78,8 +82,8 @@ class CLSScoreCapture:
     Raises:
         `ValueError` for models whose attention has no [CLS] row over a patch grid (no [CLS]
         token: IJEPA, SigLIP; windowed: Swin; shuffled patches: ViT-MAE; no attention: ConvNeXt),
-        for models whose attention does not go through the registry (Data2VecVision), and for a
-        `layer` out of range.
+        for models whose attention does not go through the registry (Data2VecVision), for a
+        `layer` out of range, repeated, or already captured.
 
     Example:
 
@@ -87,28 +91,46 @@ class CLSScoreCapture:
     >>> capture = CLSScoreCapture(model)
     >>> logits = model(pixel_values).logits
     >>> scores, grid_size, training = capture.pop()  # [B, heads, gh*gw], (gh, gw)
+    >>> every_layer = CLSScoreCapture(model, layer=range(model.config.num_hidden_layers))
+    >>> model(pixel_values)
+    >>> scores = every_layer.pop().scores  # [B, layers, heads, gh*gw], from the one pass
     ```
     """
 
-    def __init__(self, model, layer: int = -1, weight: Callable[[], float] | None = None):
+    def __init__(self, model, layer: int | Sequence[int] = -1, weight: Callable[[], float] | None = None):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
         config = getattr(base.config, "vision_config", base.config)  # CLIP keeps its vision settings apart
-        self.module = _attention_modules(base, config)[_layer_index(layer, config.num_hidden_layers)]
-        if getattr(self.module, _MARK, None) is not None:
-            raise ValueError(
-                f"Layer {layer} of {type(base).__name__} is already captured (e.g. by its `sar_loss`); reuse that "
-                "capture instead of building a second one."
-            )
+        attention = _attention_modules(base, config)
+        self._several = not isinstance(layer, int)
+        layers = list(layer) if self._several else [layer]
+        indices = [_layer_index(index, config.num_hidden_layers) for index in layers]
+        if not indices or len(set(indices)) != len(indices):
+            raise ValueError(f"`layer` must name distinct layers, got {layers}.")
+        self.modules = tuple(attention[index] for index in indices)
+        for index, module in zip(layers, self.modules, strict=True):
+            if getattr(module, _MARK, None) is not None:
+                raise ValueError(
+                    f"Layer {index} of {type(base).__name__} is already captured (e.g. by its `sar_loss`); reuse "
+                    "that capture instead of building a second one."
+                )
         patch = config.patch_size
         self.patch_size = (patch, patch) if isinstance(patch, int) else tuple(patch)
         self._weight = weight
         self._pass = None  # the current or last forward pass
         self._running = False
-        setattr(self.module, _MARK, self)
+        for module in self.modules:
+            setattr(module, _MARK, self)
         self._handles = [
             base.register_forward_pre_hook(self._begin, with_kwargs=True),
             base.register_forward_hook(self._end, always_call=True),
         ]
+
+    @property
+    def module(self):
+        """The captured attention module, of a capture of one layer (`modules` holds those of several)."""
+        if self._several:
+            raise AttributeError("A capture of several layers has `modules`, one per layer, not one `module`.")
+        return self.modules[0]
 
     @property
     def pending(self) -> bool:
@@ -122,31 +144,34 @@ class CLSScoreCapture:
         [`SARViTForImageClassification`] does; afterwards, those of the pass that just ended.
 
         Returns:
-            [`CapturedScores`]: `scores` `[B, heads, gh*gw]` in the dtype attention ran in (a view
-            of the layer's own q and k, with their gradient), `grid_size`, `training`.
+            [`CapturedScores`]: `scores` `[B, heads, gh*gw]` (`[B, layers, heads, gh*gw]` for several
+            layers) in the dtype attention ran in (formed from the layers' own q and k, with their
+            gradient), `grid_size`, `training`.
         """
         current = self._pass
         if current is None or current.used:
             return None
         current.used = True
-        recorded, current.recorded = current.recorded, None
-        if recorded is None:
+        recorded, current.recorded = current.recorded, {}
+        missed = next((module for module in self.modules if module not in recorded), None)
+        if missed is not None:
             raise RuntimeError(
-                f"{type(self.module).__name__} ran without passing through the attention-function registry or its "
+                f"{type(missed).__name__} ran without passing through the attention-function registry or its "
                 f"`eager_attention_forward`, so no [CLS] scores were captured (attention implementation "
-                f"{self.module.config._attn_implementation!r}). Register custom kernels with "
+                f"{missed.config._attn_implementation!r}). Register custom kernels with "
                 "`AttentionInterface.register` before the forward pass."
             )
         gh, gw = current.grid_size
-        scores = _cls_scores(*recorded, num_patches=gh * gw)
-        return CapturedScores(scores, (gh, gw), current.training)
+        scores = [_cls_scores(*recorded[module], num_patches=gh * gw) for module in self.modules]
+        return CapturedScores(torch.stack(scores, dim=1) if self._several else scores[0], (gh, gw), current.training)
 
     def remove(self):
         """Detaches the capture from the model."""
         for handle in self._handles:
             handle.remove()
-        if getattr(self.module, _MARK, None) is self:
-            delattr(self.module, _MARK)
+        for module in self.modules:
+            if getattr(module, _MARK, None) is self:
+                delattr(module, _MARK)
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -155,7 +180,8 @@ class CLSScoreCapture:
         # A pass whose scores were never popped is replaced: its own backward still finds it unused.
         self._pass = _Pass(self._grid_of(pixel_values), model.training)
         self._running = True
-        _wrap_kernel(self.module)
+        for module in self.modules:
+            _wrap_kernel(module)
 
     def _end(self, model, args, output):
         self._running = False
@@ -170,14 +196,14 @@ class CLSScoreCapture:
         if tensor is not None and (weight := self._weight()) > 0:
             tensor.register_hook(functools.partial(_check_used, current, weight))
 
-    def record(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float | None):
-        """Called by the wrapped kernel with the marked module's q, k `[B, heads, N, d]` and mask."""
+    def record(self, module, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float | None):
+        """Called by the wrapped kernel with a marked module, its q, k `[B, heads, N, d]` and mask."""
         # Only during the model's own forward pass, before its scores are popped: gradient
         # checkpointing runs the layer again in backward, and that replay must not replace what the
         # loss already used.
         if self._running and not self._pass.used:
             scaling = query.shape[-1] ** -0.5 if scaling is None else scaling  # SDPA's default
-            self._pass.recorded = (query[:, :, :1], key, mask, scaling)
+            self._pass.recorded[module] = (query[:, :, :1], key, mask, scaling)
 
     def _grid_of(self, pixel_values) -> tuple[int, int]:
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
@@ -217,7 +243,7 @@ def _check_used(current: _Pass, weight: float, grad: torch.Tensor):
 
 
 def _cls_scores(query, key, mask, scaling, num_patches: int) -> torch.Tensor:
-    """The marked layer's [CLS] query `[B, h, 1, d]`, keys `[B, h, N, d]` and mask -> scores `[B, h, num_patches]`."""
+    """A marked layer's [CLS] query `[B, h, 1, d]`, keys `[B, h, N, d]` and mask -> scores `[B, h, num_patches]`."""
     _check_tokens(key.shape[-2], num_patches)
     if key.shape[1] != query.shape[1]:  # grouped keys: each serves several query heads
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
@@ -248,7 +274,7 @@ def _capturing(kernel):
         capture = getattr(module, _MARK, None)
         if capture is not None:
             mask = args[0] if args else kwargs.get("attention_mask")
-            capture.record(query, key, mask, kwargs.get("scaling"))
+            capture.record(module, query, key, mask, kwargs.get("scaling"))
         return kernel(module, query, key, value, *args, **kwargs)
 
     attention.sar_wraps = kernel

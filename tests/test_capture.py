@@ -145,6 +145,46 @@ def test_captured_scores_are_the_eager_log_probabilities_up_to_a_row_constant(na
     assert (scores.double() - other).std(-1).max() > 1e-2
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_several_layers_are_captured_in_one_pass(name):
+    """A capture of layers [1, 0] gives each layer's scores in that order, from one SDPA pass, beside
+    a single-layer capture of layer 1 on the same pass (the two marks never meet)."""
+    model = build(name)
+    twin = eager_twin(model)
+    every = CLSScoreCapture(model, [1, 0])
+    pixel_values, kwargs = pixels(), MODELS[name][2]
+    with torch.no_grad():
+        model(pixel_values, **kwargs)
+    scores, grid_size, training = every.pop()
+    assert scores.shape == (BATCH, 2, 4, 24) and grid_size == (HEIGHT // 4, WIDTH // 4) and not training
+    for position, layer in enumerate([1, 0]):
+        expected = eager_cls_log_probs(twin, pixel_values, layer, 24, **kwargs)
+        assert_equal_up_to_row_constants(scores[:, position], expected)
+    assert every.modules == (every.modules[0], every.modules[1]) and every.modules[0] is not every.modules[1]
+    with pytest.raises(AttributeError, match="several layers has `modules`"):
+        _ = every.module
+    every.remove()
+    one = CLSScoreCapture(model, -1)  # every mark was removed: the layers are free again
+    assert one.module is every.modules[0]
+
+
+def test_several_layers_must_be_distinct_free_and_in_range():
+    model = build("deit")
+    for layers in ([0, -2], []):
+        with pytest.raises(ValueError, match="`layer` must name distinct layers"):
+            CLSScoreCapture(model, layers)
+    with pytest.raises(ValueError, match="must index one of the 2 layers"):
+        CLSScoreCapture(model, [0, 2])
+    SpatialEntropyLoss(model)  # captures the last layer
+    with pytest.raises(ValueError, match="Layer -1 of DeiTForImageClassification is already captured"):
+        CLSScoreCapture(model, [0, -1])
+    first = CLSScoreCapture(model, [0])
+    with torch.no_grad():
+        model(pixels(), interpolate_pos_encoding=True)
+    assert first.pop().scores.shape == (BATCH, 1, 4, 24)  # a list of one layer keeps the layer axis
+    assert model.sar_loss.capture.pop().scores.shape == (BATCH, 4, 24)
+
+
 @pytest.mark.parametrize("name", LOSS_MODELS)
 def test_the_loss_equals_a_float64_reference_on_the_eager_maps(name):
     model = build(name)
@@ -579,7 +619,7 @@ def test_the_wrapped_kernel_hands_over_a_mask_given_by_keyword():
     seen = []
 
     class Recorder:
-        def record(self, query, key, mask, scaling):
+        def record(self, module, query, key, mask, scaling):
             seen.append((mask, scaling))
 
     module = torch.nn.Module()

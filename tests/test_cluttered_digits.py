@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from sar_hf.data.cluttered_digits import build_split, compose_canvas, enlarge, load_cluttered_digits_dataset
 from sar_hf.data import load_digits_arrays
+from sar_hf.data.cluttered_digits import build_split, compose_canvas, enlarge, load_cluttered_digits_dataset
 
 
 @pytest.fixture(scope="module")

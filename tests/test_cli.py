@@ -1,0 +1,55 @@
+"""The `sar-hf` command (sar_hf/cli.py): its help, and that each command reaches its script with its arguments.
+
+The commands themselves are tested in test_run_sar.py (`train`, also under two launchers) and
+test_inspect.py (`inspect`).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sar_hf import cli
+from sar_hf.scripts import inspect_attention, train
+
+SAR_HF = os.path.join(os.path.dirname(sys.executable), "sar-hf")  # the console script, installed with the package
+
+
+def _run(*command):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_console_script_lists_its_commands():
+    done = _run(SAR_HF, "--help")
+    assert done.returncode == 0, done.stderr
+    assert "train" in done.stdout and "inspect" in done.stdout and "COMMAND --help" in done.stdout
+    done = _run(SAR_HF)
+    assert done.returncode == 2 and "the following arguments are required: COMMAND" in done.stderr
+    done = _run(SAR_HF, "tain")
+    assert done.returncode == 2 and "invalid choice: 'tain'" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        ("train", ["usage: sar-hf train", "--sar_weight", "--recipe", "--learning_rate", "examples:", "my_run.json"]),
+        ("inspect", ["usage: sar-hf inspect", "--model", "--images", "--layers", "--batch_size", "--output"]),
+    ],
+)
+def test_each_command_has_its_own_help(command, expected):
+    """`--help` after a command reaches that command's parser; `python -m sar_hf` is the same command."""
+    for launcher in ([SAR_HF], [sys.executable, "-m", "sar_hf"]):
+        done = _run(*launcher, command, "--help")
+        assert done.returncode == 0, done.stderr
+        for text in expected:
+            assert text in done.stdout, (launcher, text)
+
+
+@pytest.mark.parametrize("command, module", [("train", train), ("inspect", inspect_attention)])
+def test_a_command_runs_its_script_with_the_rest_of_the_arguments(monkeypatch, command, module):
+    seen = []
+    monkeypatch.setattr(module, "main", seen.append)
+    assert cli.main([command, "--output_dir", "x", "--flag=1", "y.json"]) is None  # a console script's exit code 0
+    assert seen == [["--output_dir", "x", "--flag=1", "y.json"]]
