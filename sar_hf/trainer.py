@@ -3,6 +3,7 @@
 import copy
 import functools
 import os
+from importlib.metadata import version
 
 from transformers import Trainer
 from transformers.utils import logging
@@ -120,8 +121,9 @@ class SARTrainer(Trainer):
         with open(path, "a", encoding="utf-8") as card:
             card.write(
                 "\n## Spatial-entropy regularisation (SAR)\n\n"
-                f"Trained with the spatial-entropy regulariser of [Peruzzo et al., 2024]({PAPER_URL}) "
-                "using [sar_hf](https://github.com/sar-hf/sar_hf).\n\n"
+                "Trained with the spatial-entropy regulariser of *Spatial Entropy as an Inductive Bias for Vision "
+                f"Transformers* (Peruzzo et al., Machine Learning 113(9), 2024; [arXiv 2206.04636]({PAPER_URL})), "
+                f"using sar_hf {version('sar_hf')}.\n\n"
                 f"- peak λ (`sar_weight`): {peak}\n"
                 f"- λ schedule: {schedule}\n"
                 + "".join(f"- `{k}`: {v}\n" for k, v in settings.items())

@@ -355,6 +355,12 @@ def test_digits_default_run(digits_run):
         assert (out / name).is_file(), name
     card = (out / "README.md").read_text()
     assert "spatial-entropy" in card and "trained from scratch on the scikit-learn digits dataset" in card
+    # The paper and the package with its version, and no link to a repository that does not exist.
+    from importlib.metadata import version
+
+    assert "*Spatial Entropy as an Inductive Bias for Vision Transformers* (Peruzzo et al." in card
+    assert "https://arxiv.org/abs/2206.04636" in card and f"using sar_hf {version('sar_hf')}." in card
+    assert "github.com" not in card
     train_logs = _train_logs(out)
     assert len(train_logs) == 4 and all("sar/weight" in e for e in train_logs)
     # One row per image, an image column plus a map and a region column per head (2 in `tiny`).
