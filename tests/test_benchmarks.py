@@ -62,33 +62,22 @@ def test_bench_step_reports_ratios_of_variants_that_really_differ(tmp_path, monk
 
 
 SUMMARY_KEYS = (
-    {"dataset", "fraction", "variant", "n", "n_paired", "accuracy_mean", "accuracy_std"}
+    {"dataset", "fraction", "recipe", "variant", "n", "n_paired", "accuracy_mean", "accuracy_std"}
     | {
         f"{metric}{name}"
-        for metric in ("", "entropy_", "jaccard_")
+        for metric in ("", "entropy_", "jaccard_", "mass_")
         for name in ("diff_vs_baseline", "ci95_low", "ci95_high")
     }
-    | {"entropy_mean", "jaccard_mean"}
+    | {"entropy_mean", "jaccard_mean", "mass_mean"}
 )
-
-
-def test_evidence_plan_runs_the_plateau_check_first_and_each_run_once():
-    key = evidence.run_key
-    study = ["--seeds", "0", "1", "--fractions", "0.5", "0.1", "--epochs", "3"]
-    plan = evidence.planned_runs(evidence.parse_args(study))
-    assert len({key(run) for run in plan}) == len(plan) == 2 * 2 * 2 * 3 + 2 * 2  # + the doubled baselines
-    first = [(run["fraction"], run["variant"], run["epochs"]) for run in plan[:8]]
-    assert all(fraction == 0.1 and variant == "baseline" for fraction, variant, _ in first)
-    assert sorted(epochs for *_, epochs in first) == [3] * 4 + [6] * 4
-    without = evidence.planned_runs(evidence.parse_args([*study, "--no-plateau_check"]))
-    assert {key(run) for run in without} == {key(run) for run in plan if run["epochs"] == 3}
 
 
 @pytest.mark.slow
 def test_evidence_study_writes_the_summary_and_resumes(tmp_path):
     out = tmp_path / "evidence"
-    study = ["--datasets", "cluttered-digits", "--seeds", "0", "1", "--fractions", "0.05", "--epochs", "1",
-             "--variants", "baseline", "sar-0.1", "--output", str(out)]  # fmt: skip
+    study = ["--datasets", "cluttered-digits", "--recipes", "plain", "--seeds", "0", "1", "--fractions", "0.05",
+             "--epochs", "1", "--max_epochs", "1", "--variants", "baseline", "sar-0.1",
+             "--output", str(out)]  # fmt: skip
     evidence.main(study)
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     assert sorted((run["epochs"], run["seed"], run["variant"]) for run in runs) == [
@@ -99,6 +88,10 @@ def test_evidence_study_writes_the_summary_and_resumes(tmp_path):
         assert 0 <= run["test_accuracy"] <= 1 and 0 <= run["test_jaccard"] <= 1 and run["test_entropy"] >= 0
         assert len(run["validation_curve"]) >= 1 and run["validation_curve"][-1][0] == pytest.approx(run["epochs"])
     summary = json.loads((out / "summary.json").read_text())  # strict JSON: no NaN
+    assert summary["budget_epochs"] == 1  # the cap: the search tried 1 epoch against 2, and no further
+    (plateau,) = summary["plateau"]
+    assert [plateau[key] for key in ("dataset", "recipe", "n", "epochs")] == ["cluttered-digits", "plain", 2, 1]
+    summary = summary["rows"]
     baseline, sar = (next(row for row in summary if row["variant"] == v) for v in ("baseline", "sar-0.1"))
     assert set(baseline) == SUMMARY_KEYS and set(sar) == SUMMARY_KEYS
     assert (sar["dataset"], sar["fraction"], sar["n"], sar["n_paired"]) == ("cluttered-digits", 0.05, 2, 2)
@@ -111,7 +104,7 @@ def test_evidence_study_writes_the_summary_and_resumes(tmp_path):
         assert sar["ci95_low"] < sar["diff_vs_baseline"] < sar["ci95_high"]
     assert baseline["accuracy_mean"] == pytest.approx((accuracy[0, "baseline"] + accuracy[1, "baseline"]) / 2)
     report = (out / "README.md").read_text()
-    assert "| 5% | sar-0.1 | 2 |" in report and "| cluttered-digits | 5% | 2 |" in report
+    assert "| 5% | plain | sar-0.1 | 2 |" in report and "| cluttered-digits | plain | 5% | 2 | 1 |" in report
     assert "one fixed map" in report
     for picture in ("evidence.png", "plateau.png", "attention_maps_cluttered-digits.png"):
         assert (out / picture).is_file(), picture
