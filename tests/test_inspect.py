@@ -21,7 +21,7 @@ from scipy import stats
 import sar_hf
 from sar_hf.data import load_digits_dataset, vit_image_processor_class
 from sar_hf.scripts import inspect_attention
-from sar_hf.scripts.inspect_attention import layer_indices, main, summarise
+from sar_hf.scripts.inspect_attention import layer_indices, main, map_statistics, summarise
 
 # 16 px images in 4 px patches (a 4x4 grid), 3 layers of 2 heads; scores spread wide of their means.
 TINY = dict(
@@ -220,6 +220,17 @@ def test_summarise_by_hand():
     one = summarise("m", entropy[:1], regions[:1], [7])
     assert one["images"] == 1 and one["layers"][0]["head_entropy_ci95"] == [[None, None], [None, None]]
     json.dumps(one, allow_nan=False)  # valid JSON: no NaN
+
+
+def test_map_statistics_by_hand():
+    """Two layers of one head on a 2x3 grid: a map with two regions above its mean, and one with none."""
+    two = torch.tensor([5.0, 0.0, 5.0, 0.0, 0.0, 0.0])  # mean 5/3: two cells, apart -> two regions of mass 1/2
+    flat = torch.zeros(6)
+    entropy, regions = map_statistics(torch.stack([two, flat])[None, :, None], (2, 3))
+    assert entropy.shape == regions.shape == (1, 2, 1)
+    assert entropy[0, :, 0].tolist() == pytest.approx([math.log(2), 0.0]) and regions[0, :, 0].tolist() == [2, 0]
+    with pytest.raises(ValueError, match=r"1 \[CLS\] map\(s\) hold non-finite scores"):
+        map_statistics(torch.stack([two, flat.clone().fill_(float("nan"))])[None, :, None], (2, 3))
 
 
 def test_layer_indices():

@@ -119,7 +119,7 @@ def load_model(name_or_path: str, cache_dir: str | None = None, token: str | Non
 
 
 def load_images(args: InspectArguments):
-    """The images to measure, as a `Dataset` of one image column: from a folder, a bundled or a `datasets` name."""
+    """The images to measure, from a folder, a bundled dataset or a `datasets` name: a `Dataset` of one column."""
     folder = os.path.isdir(args.images) and args.images not in BUNDLED_DATASETS
     dataset = load_image_dataset(
         None if folder else args.images,
