@@ -262,10 +262,10 @@ def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(tmp_path):
     assert any(not torch.allclose(without[name], value, atol=1e-5) for name, value in big.items())
 
 
-@pytest.mark.parametrize("images, batch_size, accumulation", [(1221, 16, 4), (64, 16, 3), (10, 4, 1)])
+@pytest.mark.parametrize("images, batch_size, accumulation", [(26, 2, 4), (64, 16, 3), (10, 4, 1)])
 def test_steps_per_epoch_counts_as_trainer_does(tmp_path, images, batch_size, accumulation):
     """`--warmup_epochs` turns epochs into the optimizer steps that Trainer takes in one epoch, a partly
-    accumulated last step included (1221 images, batch 16, 4 accumulated: 77 batches, 20 steps)."""
+    accumulated last step included (26 images in batches of 2, 4 accumulated: 13 batches, 4 steps)."""
     import torch
     from tiny import TINY as TINY_CONFIG
     from tiny import TinyImages
@@ -280,6 +280,9 @@ def test_steps_per_epoch_counts_as_trainer_does(tmp_path, images, batch_size, ac
     trainer = Trainer(model=model, args=args, train_dataset=TinyImages(images))
     trainer.train()
     assert steps_per_epoch(args, images) == trainer.state.global_step
+    # Issue 23's case: 1221 images, batch 16, 4 accumulated: 77 batches make 20 steps (not 19).
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, gradient_accumulation_steps=4)
+    assert steps_per_epoch(args, 1221) == 20
 
 
 # --------------------------------------------------------------------------------------------
