@@ -20,11 +20,6 @@ The script itself is `sar_hf/scripts/train.py`, read top to bottom like Transfor
 command runs it from an installed package too. The README shows the usual commands.
 """
 
-# benchmarks/evidence.py reads these names from this script.
-import transformers  # noqa: F401
-
-from sar_hf.data import BUNDLED_DATASETS, ImageTransform, processor_size  # noqa: F401
-from sar_hf.scripts.arguments import MODEL_PRESETS  # noqa: F401
 from sar_hf.scripts.train import main
 
 if __name__ == "__main__":

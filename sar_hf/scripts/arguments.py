@@ -64,8 +64,9 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "A checkpoint to fine-tune: a local folder or a Hub id (e.g. google/vit-base-patch16-224-in21k). "
-            "A ViT checkpoint loads into SARViTForImageClassification; a DeiT, DINOv2, BEiT or other ViT-family "
-            "checkpoint keeps its own class, with SpatialEntropyLoss attached. Leave it out to train "
+            "A checkpoint of model type vit (the non-distilled DeiT ones too) loads into "
+            "SARViTForImageClassification; a DINOv2, BEiT or other ViT-family checkpoint keeps its own class, with "
+            "SpatialEntropyLoss attached. Leave it out to train "
             "--model_preset from scratch."
         },
     )
@@ -294,10 +295,11 @@ Train or fine-tune a ViT-family image classifier with the spatial-entropy regula
 
 With no arguments: the `small` preset (4 layers, 192 wide, 32 px images in 4 px patches) from
 scratch for 30 epochs on scikit-learn's bundled digits, scored on a fixed held-out test split;
-about 5 minutes on 2 CPU cores. A ViT checkpoint (--model_name_or_path) trains as
-SARViTForImageClassification; a DeiT, DINOv2, BEiT or other ViT-family checkpoint keeps its own
-class, with SpatialEntropyLoss attached. One .json argument is read as a file of every argument;
-a flag given explicitly wins over --recipe, which wins over this script's defaults."""
+about 2.5 minutes on 2 CPU cores. A checkpoint of model type `vit` (--model_name_or_path; the
+non-distilled DeiT checkpoints are among them) trains as SARViTForImageClassification; a DINOv2,
+BEiT or other ViT-family checkpoint keeps its own class, with SpatialEntropyLoss attached. One
+.json argument is read as a file of every argument; a flag given explicitly wins over --recipe,
+which wins over this script's defaults."""
 _EXAMPLES = """\
 examples:
   sar-hf train                                                      # -> outputs/sar-digits
@@ -305,7 +307,8 @@ examples:
   sar-hf train --dataset_name cluttered-digits --train_fraction 0.25
   sar-hf train --recipe deit --output_dir outputs/sar-digits-deit
   sar-hf train --model_name_or_path google/vit-base-patch16-224-in21k --train_dir path/to/train \\
-      --validation_dir path/to/val --learning_rate 5e-5 --num_train_epochs 10 --output_dir outputs/my-sar-vit
+      --validation_dir path/to/val --ignore_mismatched_sizes --learning_rate 5e-5 --num_train_epochs 10 \
+      --output_dir outputs/my-sar-vit
   sar-hf train my_run.json
   accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml -m sar_hf train --bf16 ...
 
