@@ -589,6 +589,18 @@ def _interval(mean, low, high) -> str:
     return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
+def save_figure(figure, axes, path: str) -> None:
+    """A legend on each axis that has labelled artists, then `figure` as a 100 dpi PNG at `path`."""
+    import matplotlib.pyplot as plt  # as `report` imports it: only where figures are made
+
+    for axis in axes.flat:
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def report(runs: list[dict], args, budget: int) -> None:
     """Writes summary.json, README.md, evidence.png, plateau.png and the attention pictures into args.output."""
     import matplotlib
@@ -749,11 +761,7 @@ def report(runs: list[dict], args, budget: int) -> None:
             axis.set_xticks(fractions, [f"{f:.0%}" for f in fractions])
             axis.minorticks_off()
             axis.set_xlabel("training fraction")
-            if axis.get_legend_handles_labels()[0]:
-                axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(os.path.join(args.output, "evidence.png"), dpi=100)
-    plt.close(figure)
+    save_figure(figure, axes, os.path.join(args.output, "evidence.png"))
 
     recipes = [recipe for recipe in RECIPES if any(row["recipe"] == recipe for row in rows)]
     figure, axes = plt.subplots(
@@ -775,11 +783,7 @@ def report(runs: list[dict], args, budget: int) -> None:
                 )  # fmt: skip
         axis.set_title(f"{dataset}, {recipe}: baseline validation accuracy")
         axis.set_xlabel("epoch")
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(os.path.join(args.output, "plateau.png"), dpi=100)
-    plt.close(figure)
+    save_figure(figure, axes, os.path.join(args.output, "plateau.png"))
 
     for dataset in datasets:
         models_dir = picture_models_dir(args, dataset, budget)

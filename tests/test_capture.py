@@ -579,13 +579,7 @@ def test_a_kernel_called_without_scaling_gets_sdpas_default():
     twin = eager_twin(model)
     loss_fn = SpatialEntropyLoss(model)
     loss_fn.capture.module.scaling = None  # the model's SDPA call now passes scaling=None
-    pixel_values = pixels()
-    with torch.no_grad():
-        model(pixel_values, interpolate_pos_encoding=True)
-    scores, _, _ = loss_fn.capture.pop()
-    assert_equal_up_to_row_constants(
-        scores, eager_cls_log_probs(twin, pixel_values, -1, 24, interpolate_pos_encoding=True)
-    )
+    assert_captured_like_eager_at_24_patches(model, loss_fn, twin)
 
 
 @pytest.mark.parametrize("tokens", [6, 4])  # 4: as many tokens as query heads
@@ -715,6 +709,12 @@ def test_a_layer_with_its_own_scaling_is_captured_with_it():
     loss_fn = SpatialEntropyLoss(model)
     loss_fn.capture.module.scaling = 0.3  # not 1/sqrt(head_dim); the eager twin copies it
     twin = eager_twin(model)
+    assert_captured_like_eager_at_24_patches(model, loss_fn, twin)
+
+
+def assert_captured_like_eager_at_24_patches(model, loss_fn, twin):
+    """One no-grad pass on `pixels()` at an interpolated size (24 patches): the captured scores against the
+    eager twin's [CLS] log-probabilities, equal up to a constant per row."""
     pixel_values = pixels()
     with torch.no_grad():
         model(pixel_values, interpolate_pos_encoding=True)
