@@ -27,6 +27,7 @@ from test_components import (
 )
 from test_entropy import SHAPES, assert_matches_reference, non_finite_batch, reference, scores_for
 from test_export_entropy import assert_same_loss_and_grads, model_and_input
+from torch._library import custom_ops
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sar_hf import components, connected_components, spatial_entropy
@@ -194,8 +195,11 @@ def test_non_finite_maps_are_skipped_and_counted():
     assert skipped.item() == 4 and skipped.dtype == torch.int64
     assert (per_map[bad] == 0).all()
     assert_matches_reference(per_map[~bad].cpu(), expected[~bad.cpu().numpy()], rtol=1e-6)
-    per_map.sum().backward()
+    per_map.sum().backward(retain_graph=True)
     assert torch.isfinite(leaf.grad).all() and (leaf.grad[bad] == 0).all() and (leaf.grad[~bad] != 0).any()
+    # A skipped map's gradient is 0 even where its incoming gradient is not finite, as on the eager path.
+    (grad,) = torch.autograd.grad(per_map, leaf, torch.where(bad, float("inf"), 1.0))
+    assert (grad[bad] == 0).all() and torch.isfinite(grad).all()
     mean, skipped = spatial_entropy(scores, shape[2:], "mean", "triton", return_skipped=True)
     assert skipped.item() == 4
     assert_matches_reference(mean.cpu(), expected[~bad.cpu().numpy()].mean(), rtol=1e-6)  # over the 8 valid maps
@@ -235,10 +239,11 @@ def test_extreme_magnitudes_stay_finite_and_exact(scale, dtype):
     assert torch.isfinite(leaf.grad).all() and (leaf.grad != 0).any()
 
 
-def test_single_region_and_empty_maps_give_positive_zero():
+@pytest.mark.parametrize("algorithm", ["triton", "scipy"])
+def test_single_region_and_empty_maps_give_positive_zero(algorithm):
     one_region = torch.tensor([[[0.0, 0.0, 1.0, 1.0]]])
     constant = torch.zeros(1, 1, 4)
-    got = spatial_entropy(torch.cat([one_region, constant], dim=1).to(DEVICE), (2, 2), "none", "triton")
+    got = spatial_entropy(torch.cat([one_region, constant], dim=1).to(DEVICE), (2, 2), "none", algorithm)
     assert got.tolist() == [[0.0, 0.0]] and not torch.signbit(got).any()
 
 
@@ -356,21 +361,36 @@ def record(calls, fn):
 
 
 class TensorOps(TorchDispatchMode):
-    """Records the operators that compute on tensors, except inside kernel launches (where the
-    interpreter moves the arguments to the host and back); allocations and views are not work."""
+    """Records the operators that compute on tensors, inside the package's own operators too (their
+    Python runs under this mode), except inside kernel launches (where the interpreter moves the
+    arguments to the host and back); allocations and views are not work."""
 
-    FREE = {"empty", "empty_strided", "new_empty", "view", "_unsafe_view", "reshape", "alias", "detach", "as_strided"}
+    FREE = {
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "new_empty",
+        "view",
+        "_unsafe_view",
+        "reshape",
+        "alias",
+        "detach",
+        "as_strided",
+    }
     launching = False
 
-    def __enter__(self):
+    def __init__(self):
+        super().__init__()
         self.work = []
-        return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        ours = func.namespace == "sar_hf"  # the operators that launch the kernels, counted above
-        if not (TensorOps.launching or ours or func.overloadpacket.__name__ in self.FREE):
+        kwargs = kwargs or {}
+        if func.namespace == "sar_hf":  # an operator that launches kernels: look inside it
+            with self:
+                return custom_ops.OPDEFS[func.name()]._init_fn(*args, **kwargs)
+        if not (TensorOps.launching or func.overloadpacket.__name__ in self.FREE):
             self.work.append(str(func))
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
