@@ -1,14 +1,10 @@
 """benchmarks/bench_recipe.py end to end on a tiny setting, so that its one-command measurement keeps working."""
 
 import json
-import pathlib
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench_recipe  # noqa: E402
+from benchmarks import bench_recipe
 
 
 @pytest.mark.slow

@@ -457,9 +457,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def bench_loss(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import bench_loss
+def bench_loss():
+    from benchmarks import bench_loss
 
     return bench_loss
 
