@@ -304,20 +304,26 @@ def memory_worker(variant: str, spec_json: str, args) -> None:
     print(json.dumps(result))
 
 
+def memory_worker_command(variant: str, spec_json: str, args) -> list[str]:
+    """The command line of the subprocess that measures `variant`: this script with the settings that
+    the step depends on (device, warm-up, seed, λ, bf16, threads; the shape is in `spec_json`)."""
+    forwarded = ["--device", args.device, "--warmup", str(args.warmup), "--seed", str(args.seed)]
+    forwarded += ["--sar-weight", str(args.sar_weight)] + (["--bf16"] if args.bf16 else [])
+    if args.threads:
+        forwarded += ["--threads", str(args.threads)]
+    return [sys.executable, __file__, *forwarded, "--memory-worker", variant, spec_json]
+
+
 def measure_memory(spec: dict, args) -> dict[str, dict]:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "weights.safetensors")
         save_file(reference_state(spec, args.seed), weights)
         spec = json.dumps({**spec, "weights": weights})
-        forwarded = ["--device", args.device, "--warmup", str(args.warmup), "--seed", str(args.seed)]
-        forwarded += ["--sar-weight", str(args.sar_weight)] + (["--bf16"] if args.bf16 else [])
-        if args.threads:
-            forwarded += ["--threads", str(args.threads)]
         # A fixed threshold (no glibc dynamic raise) keeps large blocks mmapped: freed means unmapped.
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
         for variant in VARIANTS:
-            command = [sys.executable, __file__, *forwarded, "--memory-worker", variant, spec]
+            command = memory_worker_command(variant, spec, args)
             done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
             if done.returncode != 0:
                 raise RuntimeError(f"memory worker for {variant} failed:\n{done.stderr[-4000:]}")

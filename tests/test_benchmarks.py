@@ -3,9 +3,12 @@ reproductions keep working (the real runs take minutes to an hour and are not pa
 
 import json
 import pathlib
+import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -59,6 +62,70 @@ def test_bench_step_reports_ratios_of_variants_that_really_differ(tmp_path, monk
     bench_step.main([*common, "--models", "deit_s16", "--output", str(stem)])
     variants = json.loads(stem.with_suffix(".json").read_text())["results"]["deit_s16"]["variants"]
     assert variants["plain"]["peak_ratio"] == 1 and all(v["peak_ratio"] > 0 for v in variants.values())
+
+
+# One tiny shape per bench_step model family (16 px images in 4 px patches, 2 layers, 4 heads).
+TINY = {"image_size": 16, "patch_size": 4, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+TINY_CONFIGS = {
+    "vit": {**TINY, "intermediate_size": 37, "num_labels": 10},
+    "deit": {**TINY, "intermediate_size": 37, "num_labels": 10},
+    "dinov2_registers": {**TINY, "mlp_ratio": 1, "num_register_tokens": 4, "num_labels": 10},
+}
+
+
+@pytest.mark.parametrize("family", list(bench_step.FAMILIES))
+def test_bench_step_times_plain_and_sar_under_sdpa_and_only_sar_eager_under_eager(family, monkeypatch):
+    """The published time ratio of `sar` is SAR's cost on the SDPA path against the plain model on
+    the same kernel; `sar-eager` alone runs eager attention. Checked by what runs: each variant's
+    forward, counting the calls of torch's SDPA kernel (one per layer, or none)."""
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    kernels = {}
+    for variant in bench_step.VARIANTS:
+        model = bench_step.build_model(family, TINY_CONFIGS[family], variant, 0.5)
+        calls.clear()
+        with torch.no_grad():
+            model(pixel_values=torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 1]))
+        kernels[variant] = (model.config._attn_implementation, len(calls))
+    assert kernels == {"plain": ("sdpa", 2), "sar": ("sdpa", 2), "sar-eager": ("eager", 0)}
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_memory_workers_measure_the_step_that_was_timed(bf16, monkeypatch):
+    """Peak memory comes from one subprocess per variant, which parses its own command line: it must
+    run the step under the settings that the timed step ran under, `--bf16` above all (a bf16 study
+    whose memory was measured in float32 would report float32 activations). The subprocess is
+    stubbed: it parses the command as the worker does and builds the worker's step from it."""
+    flags = ["--device", "cpu", "--warmup", "2", "--seed", "7", "--sar-weight", "0.25", "--threads", "1"]
+    args = bench_step.parse_args(flags + (["--bf16"] if bf16 else []))
+    spec = {"family": "vit", "config": TINY_CONFIGS["vit"], "batch": 2}
+    launched = {}
+
+    def run(command, **kwargs):
+        worker_args = bench_step.parse_args(command[2:])
+        variant, spec_json = worker_args.memory_worker
+        worker_spec = json.loads(spec_json)
+        step = bench_step.Step(variant, worker_spec, load_file(worker_spec["weights"]), worker_args)
+        with step.autocast:
+            dtype = step.model(pixel_values=step.pixel_values).logits.dtype
+        launched[variant] = (command[:2], worker_args, worker_spec, dtype, kwargs["env"])
+        return subprocess.CompletedProcess(command, 0, stdout=json.dumps({"peak": 1, "variant": variant}), stderr="")
+
+    monkeypatch.setattr(bench_step.subprocess, "run", run)
+    assert bench_step.measure_memory(spec, args) == {v: {"peak": 1, "variant": v} for v in bench_step.VARIANTS}
+    assert list(launched) == list(bench_step.VARIANTS)
+    for command, worker_args, worker_spec, dtype, env in launched.values():
+        assert command == [sys.executable, bench_step.__file__]
+        for setting in ("device", "warmup", "seed", "sar_weight", "bf16", "threads"):
+            assert getattr(worker_args, setting) == getattr(args, setting), setting
+        assert {key: worker_spec[key] for key in spec} == spec
+        assert dtype == (torch.bfloat16 if bf16 else torch.float32)
+        assert env["MALLOC_MMAP_THRESHOLD_"] == "131072"
 
 
 SUMMARY_KEYS = (

@@ -233,3 +233,113 @@ def test_the_study_runs_each_run_once_seed_by_seed_the_largest_fraction_first():
     assert len({evidence.run_key(r) for r in runs}) == len(runs) == 2 * 2 * 2 * 2 * 2
     assert [(r["seed"], r["fraction"]) for r in runs[::8]] == [(0, 0.5), (0, 0.1), (1, 0.5), (1, 0.1)]
     assert {r["epochs"] for r in runs} == {8}
+
+
+def test_each_run_trains_with_its_own_seed_and_settings(tmp_path, monkeypatch):
+    """A run's seed is the training script's `--seed`: the script draws the data subset and the
+    initialisation from it, so the paired intervals over seeds measure that variation only if each
+    run trains with its own seed (with one seed for all, every seed's model would be the same and the
+    intervals a sham). The script is stubbed by one that parses the flags as `sar-hf train` does,
+    builds the `tiny` preset as it does (`set_seed`, then `build_model`) and saves it untrained; the
+    workers then score those models (on 16 test digits) as they score trained ones."""
+    from transformers import set_seed
+
+    from sar_hf.scripts.arguments import parse_args
+    from sar_hf.scripts.utils import build_model
+
+    trained = []
+
+    def train(flags):
+        model_args, data_args, sar_args, recipe_args, training_args = parse_args(flags)
+        trained.append((
+            data_args.dataset_name, data_args.train_fraction, training_args.seed, training_args.num_train_epochs,
+            training_args.per_device_train_batch_size, sar_args.sar_weight, recipe_args.recipe,
+        ))  # fmt: skip
+        set_seed(training_args.seed)
+        model, processor = build_model(model_args, sar_args, [str(digit) for digit in range(10)])
+        model.save_pretrained(training_args.output_dir)
+        processor.save_pretrained(training_args.output_dir)
+        history = {"log_history": [{"epoch": training_args.num_train_epochs, "eval_accuracy": 0.1}]}
+        (pathlib.Path(training_args.output_dir) / "trainer_state.json").write_text(json.dumps(history))
+        return {"test_accuracy": 0.1}
+
+    monkeypatch.setattr(evidence, "train_main", train)
+    name, build = evidence.BUNDLED_DATASETS["digits"]
+    test = build()["test"].select(range(16))  # scored on 16 test digits, not 360
+    monkeypatch.setitem(evidence.BUNDLED_DATASETS, "digits", (name, lambda: {"test": test}))
+    args = evidence.parse_args([
+        "--datasets", "digits", "--recipes", "plain", "deit", "--variants", "baseline", "sar-0.1", "--seeds", "3",
+        "4", "--fractions", "0.1", "--batch_size", "8", "--model_preset", "tiny", "--output", str(tmp_path),
+    ])  # fmt: skip
+    runs = evidence.study_runs(args, 3, args.seeds, args.fractions)
+    evidence.work(args, runs)
+    weight, recipe = {"baseline": 0.0, "sar-0.1": 0.1}, {"plain": None, "deit": "deit"}
+    assert trained == [
+        (r["dataset"], r["fraction"], r["seed"], r["epochs"], r["batch_size"], weight[r["variant"]],
+         recipe[r["recipe"]])
+        for r in runs
+    ]  # fmt: skip
+    assert sorted({seed for _, _, seed, *_ in trained}) == [3, 4]
+    # What the tables show: within a seed every recipe and variant starts from the same model (paired);
+    # the two seeds' models differ.
+    entropy = {}
+    for line in (tmp_path / "runs.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        entropy.setdefault(record["seed"], set()).add(record["test_entropy"])
+    assert len(entropy[3]) == len(entropy[4]) == 1 and entropy[3] != entropy[4]
+
+
+def test_the_paired_interval_is_scipys_paired_t_interval_not_an_unpaired_one():
+    """Baselines spread widely over the seeds (0.5 to 0.9) and each SAR run lies 0.02 or 0.03 above
+    its own seed's baseline. Paired, the gain is clearly positive; unpaired (Welch's interval on the
+    two samples) the spread between seeds swamps it and the interval holds 0, so an unpaired
+    interval would report no effect where there is one. The reference is scipy's paired t test."""
+    from scipy import stats
+
+    baseline = [0.5, 0.6, 0.7, 0.8, 0.9]
+    values = [0.53, 0.62, 0.73, 0.82, 0.93]
+    for confidence in (0.95, 0.8):
+        mean, low, high = evidence.paired_interval(values, baseline, confidence)
+        reference = stats.ttest_rel(values, baseline).confidence_interval(confidence)
+        assert mean == pytest.approx(0.026)
+        assert (low, high) == pytest.approx((reference.low, reference.high), rel=1e-9)
+        assert low > 0
+        unpaired = stats.ttest_ind(values, baseline, equal_var=False).confidence_interval(confidence)
+        assert unpaired.low < 0 < unpaired.high  # the example tells the two apart
+    # The rows of the tables pair the same way, by seed (the runs listed in another order).
+    runs = [
+        {"dataset": "digits", "fraction": 0.1, "seed": seed, "recipe": "plain", "variant": variant, "epochs": 8,
+         "batch_size": 16, "test_accuracy": accuracy[seed], "test_entropy": 1.0, "test_jaccard": 0.2, "test_mass": 0.5}
+        for variant, accuracy in (("sar-0.1", values), ("baseline", baseline))
+        for seed in (4, 2, 0, 3, 1)
+    ]  # fmt: skip
+    row = next(row for row in evidence.summarize(runs) if row["variant"] == "sar-0.1")
+    reference = stats.ttest_rel(values, baseline).confidence_interval(0.95)
+    assert (row["ci95_low"], row["ci95_high"]) == pytest.approx((reference.low, reference.high), rel=1e-9)
+
+
+def test_the_fixed_map_is_learnt_from_the_training_masks_and_scored_on_the_test_masks():
+    """8x8 images on a 4x4 grid (2x2 pixels a patch). Training objects: three in patch 0, one in
+    patch 15, so the fixed map is 0.75 on patch 0, 0.25 on patch 15 and (almost) 0 elsewhere; keeping
+    60% of its mass keeps patch 0 alone, and its above-mean patches are 0 and 15. Test objects:
+    {15} (Jaccard 0, mass on the object 0.25) and {0, 15} (Jaccard 1/2, mass 1): means 0.25 and
+    0.625. A map learnt from the test masks (0.5 on patch 0, 1 on patch 15) would score 0.75 and
+    5/6: it knows where the test objects lie."""
+    import datasets
+    from PIL import Image
+
+    def images(*inked):
+        split = []
+        for pixels in inked:
+            image = Image.new("L", (8, 8))
+            for pixel in pixels:
+                image.putpixel(pixel, 255)
+            split.append(image)
+        return datasets.Dataset.from_dict({"image": split}, features=datasets.Features({"image": datasets.Image()}))
+
+    corner, far_corner = (0, 0), (7, 7)
+    data = datasets.DatasetDict({
+        "train": images([corner], [corner], [far_corner], [corner]),
+        "test": images([far_corner], [corner, far_corner]),
+    })  # fmt: skip
+    assert evidence.fixed_map_scores(data, (4, 4)) == pytest.approx((0.25, 0.625))
