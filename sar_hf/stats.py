@@ -56,8 +56,8 @@ class SARStats:
         """
         sums, self._sums[training] = self._sums[training], None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if sums is None:  # this process saw no batch; it still takes part in the reduction
-                sums = torch.zeros(4, device=_reduction_device())
+            if sums is None:  # this process saw no batch; it still takes part, with a row like `update`'s
+                sums = torch.zeros(len(_FIELDS) + 1, dtype=torch.float, device=_reduction_device())
             sums = sums.to(_reduction_device())
             torch.distributed.all_reduce(sums)
         if sums is None or sums[-1] == 0:
