@@ -10,11 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from benchmarks import bench_loss, bench_step, evidence
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench_loss  # noqa: E402
-import bench_step  # noqa: E402
-import evidence  # noqa: E402
 
 
 @pytest.mark.slow

@@ -3,15 +3,14 @@ the workers that share a device, the rows paired within a recipe, and the mass o
 
 import json
 import pathlib
-import sys
 import time
 
 import pytest
 import torch
 
+from benchmarks import evidence
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import evidence  # noqa: E402
 
 SEARCH = ["--datasets", "digits", "cluttered-digits", "--recipes", "plain", "deit", "--seeds", "0", "1", "2",
           "--fractions", "0.5", "0.1", "--epochs", "2"]  # fmt: skip
