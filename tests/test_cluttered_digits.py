@@ -38,6 +38,24 @@ def test_splits_come_from_the_digits_own_splits(dataset):
         np.testing.assert_array_equal(np.asarray(dataset[name]["label"]), labels[digits])
 
 
+def test_each_canvas_holds_scikit_learns_digit_upright_with_its_label(dataset):
+    """The placed digit (`digit` indexes scikit-learn's `load_digits()`) is that digit as scikit-learn draws it,
+    scaled to 0..255 and enlarged bilinearly to 16 px, not mirrored nor transposed, near the centre."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    reference = load_digits()
+    for name in ("train", "validation", "test"):
+        split = dataset[name].select(range(10))
+        for image, index, label in zip(arrays(split, "image"), split["digit"], split["label"], strict=True):
+            assert label == reference.target[index]
+            digit = Image.fromarray(np.rint(reference.images[index] * (255 / 16)).astype(np.uint8))
+            enlarged = np.asarray(digit.resize((16, 16), Image.BILINEAR))
+            offsets = range(8 - 2, 8 + 2 + 1)  # the centre of a 32 px canvas, give or take MAX_OFFSET
+            found = any(np.array_equal(image[y : y + 16, x : x + 16], enlarged) for y in offsets for x in offsets)
+            assert found, f"the {name} canvas of digit {index} does not hold it upright"
+
+
 def test_masks_are_the_ink_of_the_placed_digit_and_nothing_else_touches_its_box(dataset):
     """For each canvas, the enlarged digit is found at a position near the centre where the image equals it
     pixel for pixel; the mask is that digit's ink (> 0) there and False everywhere else; and the

@@ -1,6 +1,9 @@
-"""sar_hf.data: the bundled digits, loading, the data checks and the transforms."""
+"""sar_hf.data: the bundled digits, loading, the data checks, the transforms, and the training script's use of them."""
 
+import logging
+import math
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -56,6 +59,24 @@ def test_digits_are_real_fixed_and_stratified(digits):
     np.testing.assert_array_equal(np.asarray(again["test"][5]["image"]), np.asarray(digits["test"][5]["image"]))
 
 
+def test_digits_are_scikit_learns_images_upright_with_their_labels(digits):
+    """Every image with its label is one of scikit-learn's, as it stands (not mirrored, not transposed)."""
+    from sklearn.datasets import load_digits
+
+    reference = load_digits()
+    expected = np.rint(reference.images * (255 / 16)).astype(np.uint8)  # 0..16 -> 0..255, as documented
+
+    def rows(images, labels):
+        return sorted((int(label), np.asarray(image).tobytes()) for image, label in zip(images, labels, strict=True))
+
+    images = [*digits["train"]["image"], *digits["test"]["image"]]
+    ours = rows(images, [*digits["train"]["label"], *digits["test"]["label"]])
+    wrong = sum((Counter(rows(expected, reference.target)) - Counter(ours)).values())
+    assert len(ours) == len(expected) and wrong == 0, (
+        f"{wrong} of {len(expected)} labelled images are not scikit-learn's"
+    )
+
+
 def test_check_columns_lists_the_available_columns():
     dataset = DatasetDict({"train": Dataset.from_dict({"img": [1], "label": [0]})})
     with pytest.raises(ValueError, match=r"no column 'image'.*\['img', 'label'\].*--image_column_name"):
@@ -106,6 +127,14 @@ def test_the_old_import_path_of_the_cluttered_digits_keeps_working():
 def test_prepare_labels_rejects_missing_labels():
     dataset = DatasetDict({"train": _labelled([0, 1, -1, 2])})
     with pytest.raises(ValueError, match=r"outside 0\.\.2.*-1 at index 2"):
+        prepare_labels(dataset, "label")
+
+
+def test_prepare_labels_rejects_a_label_equal_to_the_number_of_classes():
+    """A ClassLabel of 3 names holding the id 3 (cast from integers, which does not check them) has no class."""
+    raw = Dataset.from_dict({"label": [0, 1, 2, 3, 1]})
+    dataset = DatasetDict({"train": raw.cast(Features({"label": ClassLabel(names=["a", "b", "c"])}))})
+    with pytest.raises(ValueError, match=r"1 label\(s\) outside 0\.\.2 .*e\.g\. 3 at index 3"):
         prepare_labels(dataset, "label")
 
 
@@ -194,6 +223,103 @@ def test_stratified_split_and_subset():
     assert len(stratified_split(tiny, 1, "label", seed=0)["test"]) == 1
 
 
+def _numbered(labels):
+    """Rows with an `id` (their index) and a ClassLabel `label`."""
+    features = Features({"id": Value("int64"), "label": ClassLabel(num_classes=max(labels) + 1)})
+    return Dataset.from_dict({"id": list(range(len(labels))), "label": list(labels)}, features=features)
+
+
+@pytest.mark.parametrize(
+    "labels, fraction",
+    [
+        ([0] * 40 + [1] * 40 + [2] * 20, 0.1),
+        ([0] * 40 + [1] * 40 + [2] * 20, 0.3),
+        ([0] * 30 + [1] * 19 + [2], 0.1),  # a class of one image: no stratified split, a random one
+    ],
+)
+def test_stratified_subset_keeps_that_fraction_of_the_images(labels, fraction):
+    ds = _numbered(labels)
+    subset = stratified_subset(ds, fraction, "label", seed=0)
+    assert len(subset) == round(fraction * len(ds))
+    ids = list(subset["id"])
+    assert len(set(ids)) == len(ids) and set(ids) <= set(range(len(ds)))
+    assert [labels[i] for i in ids] == list(subset["label"])
+    if min(np.bincount(labels)) > 1:  # stratified: each class keeps its share
+        expected = fraction * np.bincount(labels)
+        assert np.abs(np.bincount(list(subset["label"]), minlength=3) - expected).max() <= 1
+
+
+def test_a_split_that_cannot_be_stratified_is_still_the_same_for_the_same_seed(caplog):
+    """With a class of one image the split is random, but seeded: one seed, one split, on every run."""
+    caplog.set_level(logging.WARNING, logger="sar_hf.data.loading")
+    ds = _numbered([0] * 30 + [1] * 29 + [2])
+
+    def test_ids(seed):
+        return list(stratified_split(ds, 0.5, "label", seed=seed)["test"]["id"])
+
+    test = test_ids(0)
+    assert "Cannot stratify" in caplog.text  # the random fallback was taken
+    assert len(test) == 30 and set(test) <= set(range(60))
+    assert test == test_ids(0) and test != test_ids(1)  # 1 chance in 10^17 that two random splits agree
+    subset = list(stratified_subset(ds, 0.5, "label", seed=0)["id"])
+    assert subset == list(stratified_subset(ds, 0.5, "label", seed=0)["id"])
+
+
+def _ramp(width, height):
+    """An RGB image whose red grows to the right and green downwards, so that any crop of it shows its orientation."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[..., 0] = np.rint(np.linspace(0, 250, width))[None, :]
+    pixels[..., 1] = np.rint(np.linspace(0, 250, height))[:, None]
+    return PILImage.fromarray(pixels)
+
+
+def _direction(pixels):
+    """1 for a transformed `_ramp` that stands upright, -1 for one mirrored left-right; an AssertionError for
+    anything else (transposed, upside down).
+
+    Its red must change only along the width and its green only along the height, growing downwards.
+    """
+    red, green = pixels[0] * 255, pixels[1] * 255
+    assert (red - red[:1]).abs().max() < 0.5 and (green - green[:, :1]).abs().max() < 0.5, "transposed"
+    assert (green[1:, 0] - green[:-1, 0]).min() > -1e-3 and green[-1, 0] - green[0, 0] > 20, "upside down"
+    steps = red[0, 1:] - red[0, :-1]
+    if steps.min() > -1e-3 and red[0, -1] - red[0, 0] > 20:
+        return 1
+    assert steps.max() < 1e-3 and red[0, 0] - red[0, -1] > 20, "neither upright nor mirrored"
+    return -1
+
+
+def _mirrored(transform, image, draws=100, seed=0):
+    """How many of `draws` training transforms of `image` (a `_ramp`) come out mirrored."""
+    torch.manual_seed(seed)
+    return sum(_direction(transform.pixels(image)) == -1 for _ in range(draws))
+
+
+@pytest.mark.parametrize("size", [(20, 12), (12, 20)])
+def test_training_crops_of_non_square_images_keep_their_orientation(size):
+    """A 24x16 image cropped and resized to a taller or a wider size comes out `[3, H, W]`, upright."""
+    image = _ramp(24, 16)
+    plain = ImageTransform(size, [0.0] * 3, [1.0] * 3)
+    assert plain(image).shape == (3, *size) and _direction(plain(image)) == 1
+    transform = ImageTransform(size, [0.0] * 3, [1.0] * 3, augment=True, crop_scale=(0.5, 0.8))
+    torch.manual_seed(0)
+    corners = set()
+    for _ in range(50):
+        pixels = transform.pixels(image)
+        assert pixels.shape == (3, *size)
+        assert _direction(pixels) == 1
+        corners.add((round(float(pixels[0, 0, 0]), 3), round(float(pixels[1, 0, 0]), 3)))
+    assert len(corners) > 10  # the crops do move about
+
+
+def test_training_flips_half_the_images_left_right_and_only_with_hflip():
+    """`hflip`: about one image in two mirrored left-right (never upside down); without it, none."""
+    image = _ramp(24, 16)
+    flipping = ImageTransform((16, 16), [0.0] * 3, [1.0] * 3, augment=True, hflip=True)
+    assert 25 <= _mirrored(flipping, image) <= 75  # Binomial(100, 1/2): 50 ± 5; seeded, so it never flakes
+    assert _mirrored(ImageTransform((16, 16), [0.0] * 3, [1.0] * 3, augment=True), image) == 0
+
+
 def test_image_transform_eval_resizes_and_normalises():
     transform = ImageTransform((16, 12), image_mean=[0.5] * 3, image_std=[0.5] * 3)
     out = transform(PILImage.new("L", (8, 8), 255))  # grayscale -> 3 channels
@@ -257,3 +383,66 @@ def test_collate_fn():
     )
     assert batch["pixel_values"].shape == (2, 3, 4, 4)
     assert batch["labels"].tolist() == [1, 0] and batch["labels"].dtype == torch.long
+
+
+# --------------------------------------------------------------------------------------------
+# The training script's data steps (sar_hf/scripts), on in-memory data
+
+
+def test_train_fraction_trains_on_that_fraction_of_the_train_split(monkeypatch):
+    """`--train_fraction 0.1`: a tenth of what the validation split leaves, stratified, none of it validation."""
+    from sar_hf.scripts import utils
+    from sar_hf.scripts.arguments import parse_args
+
+    labels = np.repeat(np.arange(4), [160, 120, 80, 40])
+    features = Features({"image": Value("int64"), "label": ClassLabel(num_classes=4)})
+    rows = Dataset.from_dict({"image": list(range(len(labels))), "label": labels.tolist()}, features=features)
+    monkeypatch.setattr(utils, "load_image_dataset", lambda *args, **kwargs: DatasetDict({"train": rows}))
+    model_args, data_args, _, _, training_args = parse_args(["--train_fraction", "0.1", "--no_verify_images"])
+    dataset, _ = utils.load_data(model_args, data_args, training_args)  # "image" holds the row ids
+
+    validation = set(dataset["validation"]["image"])
+    assert len(validation) == math.ceil(0.15 * len(rows))  # --train_val_split's default
+    left = np.array([i for i in range(len(rows)) if i not in validation])
+    train = list(dataset["train"]["image"])
+    assert len(train) == round(0.1 * len(left)) and set(train) <= set(left.tolist())
+    assert np.abs(np.bincount(labels[train], minlength=4) - 0.1 * np.bincount(labels[left])).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "flags, flipped",
+    [
+        ([], False),  # the bundled digits: a mirrored digit is another glyph
+        (["--dataset_name", "cluttered-digits"], False),
+        (["--train_dir", "own/images"], True),
+        (["--dataset_name", "someone/images"], True),
+        (["--train_dir", "own/images", "--hflip", "False"], False),
+        (["--hflip", "True"], True),
+    ],
+)
+def test_the_training_script_flips_a_users_images_and_never_the_digits(tmp_path, monkeypatch, flags, flipped):
+    """The training transform that `sar-hf train` builds (stopped there, before any training) mirrors about half
+    of a user's images and none of the bundled digits, unless `--hflip` says otherwise."""
+    from sar_hf.scripts import train
+
+    class Built(Exception):
+        pass
+
+    def build(*args, **kwargs):
+        raise Built(ImageTransform(*args, **kwargs))
+
+    def load_data(*args):
+        ds = Dataset.from_dict(
+            {"image": [PILImage.new("L", (8, 8), v) for v in (0, 80, 160, 240)], "label": [0, 1, 0, 1]},
+            features=Features({"image": Image(), "label": ClassLabel(names=["a", "b"])}),
+        )
+        return DatasetDict({"train": ds, "validation": ds}), {}
+
+    monkeypatch.setattr(train, "load_data", load_data)
+    monkeypatch.setattr(train, "ImageTransform", build)
+    args = ["--model_preset", "tiny", "--output_dir", str(tmp_path), "--report_to", "none", *flags]
+    with pytest.raises(Built) as built:
+        train.main(args)
+    mirrored = _mirrored(built.value.args[0], _ramp(24, 16))
+    expected = range(25, 76) if flipped else range(1)  # Binomial(100, 1/2): 50 ± 5; seeded, so it never flakes
+    assert mirrored in expected, f"{mirrored} of 100 training images mirrored"
