@@ -152,7 +152,7 @@ def test_json_config_file(tmp_path):
         (["--sar_warmup_epochs", "-1"], "--sar_warmup_epochs must be >= 0"),
         (["--image_size", "30"], "--image_size 30 is not a multiple of --patch_size 4"),
         (["--model_name_or_path", "x", "--patch_size", "8"], "--patch_size sets up a model trained from scratch"),
-        (["--dataset_name", "x", "--train_dir", "y"], "either --dataset_name or --train_dir"),
+        (["--dataset_name", "x", "--train_dir", "y"], "Pass either --dataset_name or --train_dir"),
         (["--validation_dir", "y"], "--validation_dir needs a --train_dir"),
         (["--max_train_samples", "0"], "--max_train_samples must be at least 1"),
         (["--mixup_alpha", "-0.2"], r"--mixup_alpha must be in \[0, inf\), got -0.2"),
@@ -166,11 +166,62 @@ def test_json_config_file(tmp_path):
         (["--recipe", "deit", "--cutmix_alpha", "-1"], r"--cutmix_alpha must be in \[0, inf\)"),
         (["--warmup_epochs", "-1"], r"--warmup_epochs must be in \[0, inf\)"),
         (["--warmup_epochs", "2", "--warmup_steps", "10"], "--warmup_epochs and --warmup_steps both set"),
+        (["--warmup_epochs", "2", "--warmup_ratio", "0.1"], "--warmup_epochs and --warmup_ratio both set"),
+        (["--image_size", "0"], "--image_size must be a positive number of pixels, got 0."),
+        (["--patch_size", "-4"], "--patch_size must be a positive number of pixels, got -4."),
+        (["--model_name_or_path", "x", "--image_size", "32"], "--image_size sets up a model trained from scratch"),
+        (["--patch_size", "5"], "--image_size 32 is not a multiple of --patch_size 5."),  # the small preset's 32 px
+        (["--model_preset", "tiny", "--image_size", "18"], "--image_size 18 is not a multiple of --patch_size 4."),
+        (["--dataset_name", "x", "--validation_dir", "y"], "Pass either --dataset_name or --train_dir"),
+        (["--train_val_split", "-0.1"], r"--train_val_split must be in \[0, 1\), got -0.1."),
+        (["--max_eval_samples", "0"], "--max_eval_samples must be at least 1, got 0."),
+        (["--crop_scale_min", "0"], r"--crop_scale_min must be in \(0, 1\], got 0.0."),
+        (["--crop_scale_min", "1.01"], r"--crop_scale_min must be in \(0, 1\], got 1.01."),
+        (["--attention_figure_images", "-1"], "--attention_figure_images must be >= 0, got -1."),
+        (["--sar_weight", "inf"], "--sar_weight must be a finite number >= 0, got inf."),
+        (["--sar_weight", "nan"], "--sar_weight must be a finite number >= 0, got nan."),
+        (["--sar_warmup_epochs", "nan"], "--sar_warmup_epochs must be >= 0, got nan."),
+        (["--label_smoothing_factor", "-0.1"], r"--label_smoothing_factor must be in \[0, 1\], got -0.1."),
     ],
 )
 def test_invalid_arguments(tmp_path, args, message):
-    with pytest.raises(ValueError, match=message):
+    """Each error is one sentence that starts with the flag to change (the message as a whole, not a part)."""
+    import re
+
+    with pytest.raises(ValueError) as raised:
         main([*args, "--output_dir", str(tmp_path)])
+    assert re.match(message, str(raised.value)) and str(raised.value).endswith("."), str(raised.value)
+
+
+def test_the_limits_of_each_range_are_accepted():
+    args = ["--train_fraction", "1", "--train_val_split", "0", "--crop_scale_min", "1",
+            "--attention_figure_images", "0", "--sar_weight", "0", "--sar_warmup_epochs", "0",
+            "--max_train_samples", "1", "--max_eval_samples", "1", "--label_smoothing_factor", "1",
+            "--model_preset", "tiny", "--image_size", "1", "--patch_size", "1"]  # fmt: skip
+    model_args, data_args, sar_args, _, training_args = parse_args(args)
+    assert (data_args.train_fraction, data_args.train_val_split, data_args.crop_scale_min) == (1, 0, 1)
+    assert (sar_args.sar_weight, sar_args.sar_warmup_epochs, training_args.label_smoothing_factor) == (0, 0, 1)
+    assert (model_args.image_size, model_args.patch_size, data_args.max_eval_samples) == (1, 1, 1)
+    *_, training_args = parse_args(["--model_preset", "tiny", "--image_size", "24"])  # 24 = 6 patches of 4 px
+    assert training_args.label_smoothing_factor == 0
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"model_preset": "huge"},
+         "--model_preset must be one of ['tiny', 'small', 'vit-tiny', 'vit-small', 'vit-base'], got 'huge'."),
+        ({"sar_granularity": "hourly"}, "--sar_granularity must be one of ['auto', 'epoch', 'step'], got 'hourly'."),
+        ({"sar_schedule": "linear"}, "--sar_schedule must be one of ['warmup_cosine', 'constant'], got 'linear'."),
+    ],
+)  # fmt: skip
+def test_a_json_file_is_checked_as_the_flags_are(tmp_path, values, message):
+    """A `.json` file skips argparse's choices; the dataclasses check the names themselves."""
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(values))
+    with pytest.raises(ValueError) as raised:
+        parse_args([str(path)])
+    assert str(raised.value) == message
 
 
 def test_compute_metrics():
@@ -876,3 +927,283 @@ def test_other_vit_family_checkpoints_keep_their_class(tmp_path, family):
     # Plain Transformers loads it as that class, every weight present.
     model, info = getattr(transformers, model_class).from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and model.config.id2label[3] == "3"
+
+
+# --------------------------------------------------------------------------------------------
+# The script's flow in seconds: `train.main` in this process on a dozen in-memory images
+
+QUICK = [
+    "--model_preset", "tiny",
+    "--per_device_train_batch_size", "4",
+    "--per_device_eval_batch_size", "64",
+    "--num_train_epochs", "1",
+    "--eval_strategy", "no",
+    "--save_strategy", "no",
+    "--logging_steps", "1",
+    "--report_to", "none",
+    "--disable_tqdm", "True",
+    "--dataloader_pin_memory", "False",
+    "--attention_figure_images", "0",
+]  # fmt: skip
+CLASSES = ["ant", "bee", "cat"]
+
+
+def _images(labels, offset):
+    """8×8 grey images whose top-left pixel numbers them (`offset + i`), the rest a ramp to tell crops apart."""
+    from datasets import ClassLabel, Dataset, Features, Image
+
+    ramp = np.add.outer(np.arange(8), np.arange(8)).astype(np.uint8) * 16
+    images = []
+    for i in range(len(labels)):
+        pixels = ramp.copy()
+        pixels[0, 0] = offset + i
+        images.append(PILImage.fromarray(pixels))
+    features = Features({"image": Image(), "label": ClassLabel(names=CLASSES)})
+    return Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+def _number(image):
+    return int(np.asarray(image)[0, 0])
+
+
+@pytest.fixture
+def quick(monkeypatch, tmp_path):
+    """`quick(*flags, splits=..., skipped=...)` runs `train.main` on in-memory splits (12 training images of three
+    classes, 6 validation, 6 test by default) and returns `(results, output_dir, seen)`; `seen` holds the trainer,
+    the keyword arguments of the image transform, the model card's or the push's, and the attention figure's."""
+    import logging
+
+    import transformers
+    from datasets import DatasetDict
+
+    from sar_hf.scripts import deit_recipe
+    from sar_hf.scripts import train as script
+
+    seen = {}
+
+    def recording(cls):
+        class Recording(cls):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                seen["trainer"] = self
+                seen["verbosity"] = transformers_logging().get_verbosity()
+
+            def init_hf_repo(self, *args, **kwargs):  # --push_to_hub creates the repo at once: not here
+                seen["repo"] = self.args.hub_model_id
+
+            def create_model_card(self, **kwargs):
+                seen["card"] = kwargs
+                return super().create_model_card(**kwargs)
+
+            def push_to_hub(self, **kwargs):  # no Hub here: record what would be pushed
+                seen["push"] = kwargs
+
+        return Recording
+
+    monkeypatch.setattr(script, "SARTrainer", recording(sar_hf.SARTrainer))
+    monkeypatch.setattr(script, "MixingTrainer", recording(deit_recipe.MixingTrainer))
+
+    def image_transform(*args, **kwargs):
+        seen["transform"] = (args, kwargs)
+        return sar_hf.data.ImageTransform(*args, **kwargs)
+
+    monkeypatch.setattr(script, "ImageTransform", image_transform)
+    monkeypatch.setattr(script, "save_attention_figure", lambda *args: seen.setdefault("figure", args))
+    main_process_first = transformers.TrainingArguments.main_process_first
+
+    def first(self, *args, **kwargs):  # the text that the other processes log while they wait
+        seen.setdefault("waits", []).append(kwargs.get("desc"))
+        return main_process_first(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.TrainingArguments, "main_process_first", first)
+    # The levels that the script sets on its loggers, put back afterwards.
+    for name in (script.__name__, "sar_hf"):
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
+    verbosity = transformers_logging().get_verbosity()
+
+    def run(*flags, splits=None, skipped=None, name="out"):
+        if splits is None:
+            splits = {"train": [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2], "validation": [2, 1, 0, 2, 1, 0],
+                      "test": [1, 1, 2, 2, 0, 0]}  # fmt: skip
+        dataset = DatasetDict({key: _images(labels, 100 * k) for k, (key, labels) in enumerate(splits.items())})
+
+        def load_data(*args):
+            seen["load_data"] = args
+            return dataset, dict(skipped or {})
+
+        monkeypatch.setattr(script, "load_data", load_data)
+        seen["dataset"] = dataset
+        output_dir = tmp_path / name
+        try:
+            results = script.main([*QUICK, "--output_dir", str(output_dir), *flags])
+        finally:
+            transformers_logging().set_verbosity(verbosity)
+        return results, output_dir, seen
+
+    return run
+
+
+def transformers_logging():
+    import transformers
+
+    return transformers.utils.logging
+
+
+def test_a_run_trains_scores_both_splits_and_saves_what_it_reports(quick, capsys):
+    from sar_hf.data import collate_fn, processor_size
+
+    results, out, seen = quick("--sar_weight", "0.5", "--sar_schedule", "constant", "--sar_warmup_epochs", "0.25",
+                               "--sar_granularity", "step", "--attention_figure_images", "2",
+                               skipped={"train": 2, "validation": 1})  # fmt: skip
+    trainer = seen["trainer"]
+    assert type(trainer).__mro__[1] is sar_hf.SARTrainer
+    # The data: loaded once, on the main process first, from the parsed arguments.
+    model_args, data_args, training_args = seen["load_data"]
+    assert training_args is trainer.args and data_args.description == "scikit-learn digits"
+    assert model_args.model_preset == "tiny" and seen["waits"][0] == "loading and checking the dataset"
+    # What the trainer was given.
+    assert trainer.train_dataset is seen["dataset"]["train"] and trainer.eval_dataset is seen["dataset"]["validation"]
+    assert trainer.compute_metrics is compute_metrics and trainer.data_collator is collate_fn
+    processor = trainer.processing_class
+    assert processor.do_convert_rgb is True and processor.size == {"height": 16, "width": 16}
+    callbacks = [c for c in trainer.callback_handler.callbacks if isinstance(c, sar_hf.SARCallback)]
+    assert len(callbacks) == 1
+    callback = callbacks[0]
+    assert (callback.sar_weight, callback.schedule, callback.warmup_epochs, callback.granularity) == (
+        0.5, "constant", 0.25, "step"
+    )  # fmt: skip
+    assert trainer.args.warmup_steps == TRAINING_DEFAULTS["warmup_steps"]  # no --warmup_epochs: left alone
+    # The training transform: the processor's size and normalisation, crops from --crop_scale_min, no flips
+    # of the (bundled, by default) digits.
+    args, kwargs = seen["transform"]
+    assert args == (processor_size(processor), processor.image_mean, processor.image_std)
+    assert kwargs == {"augment": True, "hflip": False, "crop_scale": (0.7, 1.0), "resample": processor.resample}
+
+    # 12 images in batches of 4: three steps, each logging the SAR term at the constant λ.
+    logs = _train_logs(out)
+    assert [entry["step"] for entry in logs] == [1, 2, 3] and {entry["sar/weight"] for entry in logs} == {0.5}
+    assert results["train_samples"] == 12 and results["skipped_images"] == 3
+    assert results["eval_samples"] == 6 and results["test_samples"] == 6
+    for prefix in ("eval", "test"):
+        assert {f"{prefix}_accuracy", f"{prefix}_loss", f"{prefix}_sar/entropy"} <= set(results)
+        assert f"{prefix}_top5_accuracy" not in results  # 3 classes
+    # Each split scored on its own images: the accuracy of the saved model's predictions there.
+    model = sar_hf.SARViTForImageClassification.from_pretrained(out).eval()
+    for prefix, split in (("eval", "validation"), ("test", "test")):
+        images = seen["dataset"][split]
+        images.reset_format()
+        pixels = processor(list(images["image"]), return_tensors="pt")["pixel_values"]
+        import torch
+
+        with torch.no_grad():
+            predicted = model(pixels).logits.argmax(-1).numpy()
+        assert results[f"{prefix}_accuracy"] == pytest.approx(np.mean(predicted == np.array(images["label"])))
+    # What it reports is what it saved, and what it prints.
+    saved = json.loads((out / "all_results.json").read_text())
+    assert saved == pytest.approx(results)
+    assert json.loads((out / "train_results.json").read_text())["skipped_images"] == 3
+    assert json.loads((out / "test_results.json").read_text())["test_samples"] == 6
+    printed = capsys.readouterr().out
+    assert f"final eval accuracy: {results['eval_accuracy']:.4f}\n" in printed
+    assert f"final test accuracy: {results['test_accuracy']:.4f}\n" in printed
+    # The card: a model trained from scratch on the bundled digits.
+    assert seen["card"] == {"finetuned_from": None, "tasks": "image-classification",
+                            "dataset": "scikit-learn digits", "tags": ["image-classification", "vision"]}  # fmt: skip
+    assert "push" not in seen
+    # The figure: one test image per class (the test split's first 0, then its first 1), of the λ given.
+    models, pictures, _, _ = seen["figure"]
+    assert list(models) == ["SAR λ=0.5"] and [_number(image) for image in pictures] == [204, 200]
+    assert trainer.model.config.name_or_path == str(out)  # a folder: the card reads "trained from scratch"
+    card = (out / "README.md").read_text()
+    assert "trained from scratch on the scikit-learn digits dataset" in card
+
+
+def test_warm_up_in_epochs_the_figure_and_the_log(quick, capsys, monkeypatch):
+    """`--warmup_epochs` becomes optimizer steps; the figure shows one validation image per class when there is no
+    test split; the script logs to stdout in its own format, at INFO, and says when --fp16 runs in float32."""
+    import logging
+    import re
+
+    monkeypatch.setattr(logging.root, "handlers", [])  # as in a console: basicConfig installs the script's handler
+    results, out, seen = quick("--warmup_epochs", "0.5", "--attention_figure_images", "2", "--fp16", "--use_cpu",
+                               splits={"train": [0, 1, 2] * 4, "validation": [2, 1, 0, 2, 1, 0]})  # fmt: skip
+    trainer = seen["trainer"]
+    assert trainer.args.warmup_steps == 2  # 3 steps an epoch: round(1.5)
+    assert "test_accuracy" not in results and "test_samples" not in results
+    models, pictures, processor, path = seen["figure"]
+    assert list(models) == ["SAR λ=0.01"] and models["SAR λ=0.01"] is trainer.model
+    assert [_number(image) for image in pictures] == [102, 101]  # the first 0, then the first 1
+    assert processor is trainer.processing_class and path == os.path.join(str(out), "attention_maps.png")
+    printed = "\n" + capsys.readouterr().out  # every line starts after a newline
+    line = r"\n\d\d/\d\d/\d\d\d\d \d\d:\d\d:\d\d - {} - sar_hf.scripts.train - {}"  # month/day/year first
+    assert re.search(line.format("INFO", r"Data: scikit-learn digits, 3 classes, train 12, validation 6\n"), printed)
+    assert re.search(line.format("INFO", r"Learning-rate warm-up: 0.5 epochs = 2 optimizer steps\n"), printed)
+    assert re.search(line.format("INFO", r"Model: preset 'tiny' \(SARViTForImageClassification\), 0.02M parameters, "
+                                 r"16 px images, 4 px patches\n"), printed)  # fmt: skip
+    assert re.search(line.format("WARNING", r"--fp16 was given, but Accelerate runs float32 on cpu.\n"), printed)
+    assert re.search(line.format("WARNING", r"Process rank: 0, device: cpu, world size: 1, distributed: not_parallel, "
+                                 r"mixed precision: no \(float32\)\n"), printed)  # fmt: skip
+    assert logging.getLogger("sar_hf").level == logging.INFO and logging.getLogger("sar_hf.scripts.train").level == 20
+    assert f"final eval accuracy: {results['eval_accuracy']:.4f}\n" in printed and "final test" not in printed
+
+
+def test_mixup_trains_with_the_mixing_trainer_and_the_models_own_loss(quick):
+    results, _, seen = quick("--mixup_alpha", "0.8", "--label_smoothing_factor", "0.1", "--do_eval", "False")
+    trainer = seen["trainer"]
+    assert type(trainer).__mro__[1] is sar_hf.scripts.deit_recipe.MixingTrainer
+    assert trainer.compute_loss_func.__wrapped__ is trainer.model.sar_loss  # SARTrainer wraps it to add the term
+    mix = trainer.batch_mix
+    assert (mix.num_classes, mix.label_smoothing, mix.cutmix) == (3, 0.1, None) and mix.mixup is not None
+    assert trainer.eval_dataset is None and results["train_samples"] == 12
+    assert not any(key.startswith(("eval_", "test_")) for key in results)  # neither split scored
+
+
+def test_prediction_only_scores_the_test_split_and_pushes_the_card(quick):
+    import logging
+
+    results, out, seen = quick("--do_train", "False", "--do_eval", "False", "--do_predict", "True", "--push_to_hub",
+                               "--hub_model_id", "someone/sar", "--log_level", "error")  # fmt: skip
+    trainer = seen["trainer"]
+    assert trainer.train_dataset is None and trainer.eval_dataset is None
+    assert {key for key in results if key != "epoch"} == {key for key in results if key.startswith("test_")}
+    assert results["test_samples"] == 6
+    assert not (out / "train_results.json").exists() and not (out / "model.safetensors").exists()
+    assert seen["push"] == {"finetuned_from": None, "tasks": "image-classification",
+                            "dataset": "scikit-learn digits", "tags": ["image-classification", "vision"]}  # fmt: skip
+    assert "card" not in seen
+    assert seen["verbosity"] == logging.ERROR and logging.getLogger("sar_hf").level == logging.ERROR
+
+
+def test_the_card_names_a_hub_checkpoint_and_the_users_dataset(quick, monkeypatch, tmp_path):
+    """A checkpoint from the Hub is named as the base model; a folder is not, nor a --train_dir."""
+    from sar_hf.scripts import train as script
+    from sar_hf.scripts import utils
+
+    def build_model(model_args, sar_args, labels):  # the tiny preset, standing in for a Hub checkpoint
+        model_args, _, sar_args, _, _ = parse_args(["--model_preset", "tiny"])
+        return utils.build_model(model_args, sar_args, labels)
+
+    monkeypatch.setattr(script, "build_model", build_model)
+    _, out, seen = quick("--model_name_or_path", "someone/vit", "--dataset_name", "someone/images", "--max_steps", "1")
+    assert seen["card"] == {"finetuned_from": "someone/vit", "tasks": "image-classification",
+                            "dataset": "someone/images", "tags": ["image-classification", "vision"]}  # fmt: skip
+    assert seen["trainer"].model.config.name_or_path != str(out)
+    assert seen["transform"][1]["hflip"] is True  # a user's images are flipped
+    (tmp_path / "checkpoint").mkdir()
+    flags = ["--max_steps", "1", "--hflip", "False", "--crop_scale_min", "0.5", "--augment", "False"]
+    _, _, seen = quick("--model_name_or_path", str(tmp_path / "checkpoint"), "--train_dir", str(tmp_path), *flags)
+    assert seen["card"]["finetuned_from"] is None and seen["card"]["dataset"] is None
+    assert seen["transform"][1] == {"augment": False, "hflip": False, "crop_scale": (0.5, 1.0), "resample": 2}
+
+
+def test_a_rerun_in_the_same_folder_resumes_from_its_checkpoint(quick):
+    flags = ["--save_strategy", "steps", "--save_steps", "2", "--do_eval", "False"]
+    _, out, _ = quick(*flags, "--max_steps", "2")
+    state = out / "checkpoint-2" / "trainer_state.json"
+    saved = json.loads(state.read_text())
+    saved["log_history"][0]["marker"] = True  # survives only if the second run starts from this checkpoint
+    state.write_text(json.dumps(saved))
+    _, _, seen = quick(*flags, "--max_steps", "3")
+    history = _state(out)["log_history"]
+    assert history[0].get("marker") and [e["step"] for e in history if "loss" in e] == [1, 2, 3]
+    assert seen["trainer"].state.global_step == 3

@@ -47,6 +47,8 @@ def resolve_checkpoint(model_args: ModelArguments, training_args: TrainingArgume
     that a killed run left half-written is passed over, and refused when named.
     """
     requested = training_args.resume_from_checkpoint
+    if isinstance(requested, bool):  # `true` or `false` in a .json file of arguments
+        requested = str(requested)
     if isinstance(requested, str) and requested.lower() in _FALSE:
         return None
     output_dir = training_args.output_dir
