@@ -113,6 +113,32 @@ def test_on_the_tightest_canvas_every_piece_lands_whole_and_clear_of_the_digit()
         assert not image[grown & ~mask].any()
 
 
+def test_the_digit_lands_anywhere_or_within_max_offset_of_the_centre():
+    """Every position is drawn: anywhere on the canvas without `max_offset`, else `centre ± max_offset` along each
+    axis, where the centre is `(canvas_size - side) // 2`."""
+    rng = np.random.default_rng(0)
+    digit = np.full((4, 4), 9, np.uint8)
+    for canvas_size, max_offset, expected in [(10, None, range(7)), (11, 2, range(1, 6)), (10, 1, range(2, 5))]:
+        tops, lefts = set(), set()
+        for _ in range(200):
+            _, mask = compose_canvas(digit, [], canvas_size, rng, max_offset)
+            rows, cols = np.nonzero(mask)
+            tops.add(int(rows.min()))
+            lefts.add(int(cols.min()))
+        assert tops == set(expected) and lefts == set(expected), (canvas_size, max_offset)
+
+
+def test_enlarge_scales_each_side_as_pil_does():
+    """`[N, h, w]` -> `[N, h * scale, w * scale]`, each image resized bilinearly by PIL, also when not square."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 4, 6), dtype=np.uint8)
+    out = enlarge(pixels, 3)
+    assert out.shape == (3, 12, 18) and out.dtype == np.uint8
+    for image, enlarged in zip(pixels, out, strict=True):
+        np.testing.assert_array_equal(enlarged, np.asarray(Image.fromarray(image).resize((18, 12), Image.BILINEAR)))
+
+
 def test_bad_geometry_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="no room for the clutter"):
         load_cluttered_digits_dataset(canvas_size=16 + 2 * 4)

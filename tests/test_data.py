@@ -59,6 +59,19 @@ def test_digits_are_real_fixed_and_stratified(digits):
     np.testing.assert_array_equal(np.asarray(again["test"][5]["image"]), np.asarray(digits["test"][5]["image"]))
 
 
+def test_load_digits_arrays_are_scikit_learns_with_a_split_of_every_index():
+    from sklearn.datasets import load_digits
+
+    from sar_hf.data import load_digits_arrays
+
+    pixels, labels, train_idx, test_idx = load_digits_arrays()
+    reference = load_digits()
+    assert pixels.dtype == np.uint8 and labels.dtype == np.int64
+    np.testing.assert_array_equal(pixels, np.rint(reference.images * (255 / 16)).astype(np.uint8))
+    np.testing.assert_array_equal(labels, reference.target)
+    assert len(test_idx) == 360 and sorted([*train_idx, *test_idx]) == list(range(1797))
+
+
 def test_digits_are_scikit_learns_images_upright_with_their_labels(digits):
     """Every image with its label is one of scikit-learn's, as it stands (not mirrored, not transposed)."""
     from sklearn.datasets import load_digits
@@ -84,8 +97,23 @@ def test_check_columns_lists_the_available_columns():
     check_columns(dataset, "img", "label")
 
 
+def test_check_columns_names_each_missing_column_and_its_flag():
+    """The label column is checked only when named; the message names each missing column and the flag for it."""
+    dataset = DatasetDict({"train": Dataset.from_dict({"img": [1], "label": [0]})})
+    check_columns(dataset, "img")
+    columns = "its columns are ['img', 'label']. Name the right one(s) with"
+    for image, label, message in [
+        ("image", None, f"no column 'image'; {columns} --image_column_name."),
+        ("img", "labels", f"no column 'labels'; {columns} --label_column_name."),
+        ("image", "labels", f"no column 'image' or 'labels'; {columns} --image_column_name and --label_column_name."),
+    ]:
+        with pytest.raises(ValueError) as error:
+            check_columns(dataset, image, label)
+        assert str(error.value) == f"The 'train' split has {message}"
+
+
 def test_check_image_folder(tmp_path):
-    with pytest.raises(ValueError, match="is not a folder"):
+    with pytest.raises(ValueError, match=r"^--train_dir '.*missing' is not a folder\.$"):  # the default flag
         check_image_folder(str(tmp_path / "missing"))
     (tmp_path / "empty" / "cat").mkdir(parents=True)
     (tmp_path / "empty" / "cat" / "notes.txt").write_text("no image")
@@ -112,8 +140,59 @@ def test_load_image_dataset_from_a_bundled_name_a_folder_or_a_datasets_name(tmp_
     assert len(load_image_dataset("digits")["test"]) == 360
     with pytest.raises(ValueError, match="holds no image files"):
         load_image_dataset(train_dir=str(tmp_path / "digits"))
-    with pytest.raises(ValueError, match="Name a dataset or a folder of images"):
+    with pytest.raises(ValueError, match=r"^Name a dataset or a folder of images\.$"):
         load_image_dataset()
+
+
+def test_load_image_dataset_passes_the_configuration_cache_dir_and_token_to_datasets(tmp_path, monkeypatch):
+    """`--dataset_config_name` picks the configuration (here one of two a README declares), `--cache_dir` is where
+    `datasets` caches it, the token reaches `datasets.load_dataset`, and a split named "val" becomes "validation"."""
+    import datasets
+
+    folder = tmp_path / "two_configs"
+    readme = "---\nconfigs:\n"
+    for name, sizes in (("small", {"train": 2}), ("big", {"train": 5, "val": 3})):
+        readme += f"- config_name: {name}\n  data_files:\n"
+        for split, size in sizes.items():
+            (folder / name).mkdir(parents=True, exist_ok=True)
+            Dataset.from_dict({"label": [i % 2 for i in range(size)]}).to_parquet(
+                str(folder / name / f"{split}.parquet")
+            )
+            readme += f"  - split: {split}\n    path: {name}/{split}.parquet\n"
+    (folder / "README.md").write_text(readme + "---\n")
+    with pytest.raises(ValueError, match="Config name is missing"):  # datasets' own refusal without a config
+        datasets.load_dataset(str(folder), cache_dir=str(tmp_path / "other"))
+
+    tokens = []
+    real = datasets.load_dataset
+
+    def spy(*args, **kwargs):
+        tokens.append(kwargs.get("token"))
+        return real(*args, **{**kwargs, "token": None})
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    cache = tmp_path / "cache"
+    big = load_image_dataset(str(folder), "big", cache_dir=str(cache), token="hf_secret")
+    assert {name: len(split) for name, split in big.items()} == {"train": 5, "validation": 3}
+    assert tokens == ["hf_secret"]
+    assert cache.is_dir() and any(cache.iterdir())  # datasets cached it there, not in the default cache
+    assert {name: len(split) for name, split in load_image_dataset(str(folder), "small").items()} == {"train": 2}
+
+
+def test_image_folders_keep_a_single_class_and_name_the_empty_flag(tmp_path):
+    """One class folder still gives a label column (so that the one-class check can say so), the images are cached
+    in `cache_dir`, and an empty folder's error names the flag that gave it."""
+    _png(tmp_path / "train" / "cat" / "1.png")
+    _png(tmp_path / "train" / "cat" / "2.png", value=10)
+    cache = tmp_path / "cache"
+    dataset = load_image_dataset(train_dir=str(tmp_path / "train"), cache_dir=str(cache))
+    assert dataset["train"].features["label"] == ClassLabel(names=["cat"]) and dataset["train"]["label"] == [0, 0]
+    assert cache.is_dir() and any(cache.iterdir())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"^--train_dir '.*empty' holds no image files"):
+        load_image_dataset(train_dir=str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match=r"^--validation_dir '.*empty' holds no image files"):
+        load_image_dataset(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "empty"))
 
 
 def test_the_old_import_path_of_the_cluttered_digits_keeps_working():
@@ -161,6 +240,43 @@ def test_prepare_labels_encodes_strings_and_integers(train, validation, names):
         assert [names[i] for i in out[split]["label"]] == [str(v) for v in raw]
 
 
+def test_prepare_labels_refuses_list_missing_and_mixed_labels():
+    """A list per image, a missing label, integers in one split and strings in another: each its own error."""
+    cases = [
+        ({"train": [[0], [1]]}, "of the 'train' split has type List; expected a ClassLabel, integers or strings"),
+        ({"train": ["cat", None, "dog"]}, r"has missing values \(None\); fix or drop these rows\.$"),
+        ({"train": [1, 2], "validation": ["a"]}, r"mixes types \['int', 'str'\]\.$"),
+    ]
+    for splits, message in cases:
+        dataset = DatasetDict({split: Dataset.from_dict({"label": labels}) for split, labels in splits.items()})
+        with pytest.raises(ValueError, match=rf"^The label column 'label' {message}"):
+            prepare_labels(dataset, "label")
+
+
+@pytest.mark.parametrize(
+    "dtype", ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "string", "large_string"]
+)
+def test_prepare_labels_accepts_every_integer_and_string_type(dtype):
+    """Integers of any width or sign, and both string types, name classes."""
+    raw = [5, 3, 5] if "int" in dtype else ["5", "3", "5"]
+    dataset = DatasetDict({"train": Dataset.from_dict({"label": raw}, features=Features({"label": Value(dtype)}))})
+    out = prepare_labels(dataset, "label")
+    assert out["train"].features["label"].names == ["3", "5"] and out["train"]["label"] == [1, 0, 1]
+
+
+def test_prepare_labels_says_what_it_encoded(caplog, capfd):
+    """The classes found are logged, and the progress bar names the split it encodes."""
+    caplog.set_level(logging.INFO, logger="sar_hf.data.checks")
+    dataset = DatasetDict(
+        {"train": Dataset.from_dict({"label": [7, 3]}), "validation": Dataset.from_dict({"label": [3]})}
+    )
+    prepare_labels(dataset, "label")
+    logged = [record.getMessage() for record in caplog.records if record.name == "sar_hf.data.checks"]
+    assert logged == ["Labels of 'label' turned into 2 classes: ['3', '7']"]
+    shown = capfd.readouterr().err
+    assert "Encoding the train labels" in shown and "Encoding the validation labels" in shown
+
+
 def test_prepare_labels_keeps_a_valid_class_label():
     dataset = DatasetDict({"train": _labelled([0, 2, 1])})
     assert prepare_labels(dataset, "label") is dataset
@@ -174,6 +290,23 @@ def test_check_classes():
     with pytest.raises(ValueError, match="'train' split is empty"):
         check_classes(_labelled([]), "label")
     check_classes(_labelled([0, 2]), "label")
+    check_classes(_labelled([1, 0], ClassLabel(names=["x", "y"])), "label")  # two classes are enough
+
+
+def test_check_classes_of_a_plain_integer_column():
+    """Without a ClassLabel (no names, no class count) the classes are the distinct values."""
+    ints = Dataset.from_dict({"label": [7, 7]}, features=Features({"label": Value("int64")}))
+    with pytest.raises(ValueError, match=r"^The 'validation' split has only one class \(\[7\]\)"):
+        check_classes(ints, "label", "validation")
+    check_classes(Dataset.from_dict({"label": [7, 3]}), "label")
+
+
+def test_check_classes_of_a_class_label_with_a_single_name():
+    """A ClassLabel of one class is one class, even holding an id it does not name (cast from integers)."""
+    raw = Dataset.from_dict({"label": [0, 1, 0]})
+    ds = raw.cast(Features({"label": ClassLabel(names=["only"])}))
+    with pytest.raises(ValueError, match=r"^The 'train' split has only one class \(\['only'\]\)"):
+        check_classes(ds, "label")
 
 
 @pytest.fixture
@@ -204,6 +337,32 @@ def test_bad_images_are_named_or_skipped_and_counted(image_files):
     assert drop_bad_images(dataset, "image", skip=True) == {"train": 2}
     assert len(dataset["train"]) == 3
     assert find_bad_images(dataset["train"], "image") == []
+
+
+def test_every_split_is_checked_and_the_message_lists_five_bad_images(tmp_path):
+    """A clean split does not stop the check of the next; the error lists the first five files and counts the rest."""
+    garbage = []
+    for i in range(7):
+        garbage.append(tmp_path / f"bad{i}.png")
+        garbage[-1].write_bytes(b"not an image")
+    features = Features({"image": Image()})
+    clean = Dataset.from_dict({"image": [PILImage.new("L", (4, 4))]}, features=features)
+    bad = Dataset.from_dict({"image": [str(path) for path in garbage]}, features=features)
+    with pytest.raises(ValueError) as error:
+        drop_bad_images(DatasetDict({"train": clean, "validation": bad}), "image")
+    reasons = [reason for _, _, reason in find_bad_images(bad, "image")]
+    listing = "; ".join(f"{path} ({reason})" for path, reason in zip(garbage[:5], reasons, strict=False))
+    assert str(error.value).startswith(f"7 image(s) of the 'validation' split cannot be read: {listing} and 2 more. ")
+
+
+def test_good_images_in_memory_are_not_bad():
+    """Images held as bytes (no file), as `datasets` stores PIL images, decode fine."""
+    images = [PILImage.new("L", (4, 4), v) for v in (0, 255)]
+    ds = Dataset.from_dict({"image": images}, features=Features({"image": Image()}))
+    assert ds.cast_column("image", Image(decode=False))[0]["image"]["path"] is None  # held in memory
+    assert find_bad_images(ds, "image") == []
+    missing = Dataset.from_dict({"image": [images[0], None]}, features=Features({"image": Image()}))
+    assert find_bad_images(missing, "image") == [(1, "index 1", "ValueError: no image (None)")]
 
 
 def test_bad_images_in_memory_are_named_by_index():
@@ -249,6 +408,29 @@ def test_stratified_subset_keeps_that_fraction_of_the_images(labels, fraction):
         assert np.abs(np.bincount(list(subset["label"]), minlength=3) - expected).max() <= 1
 
 
+def test_stratified_splits_and_subsets_are_seeded():
+    """A stratified split (and so a subset) is one split per seed: the same on every run, another for another seed."""
+    ds = _numbered([0] * 40 + [1] * 40 + [2] * 20)
+
+    def test_ids(seed):
+        return list(stratified_split(ds, 0.25, "label", seed=seed)["test"]["id"])
+
+    def subset_ids(seed):
+        return list(stratified_subset(ds, 0.3, "label", seed=seed)["id"])
+
+    assert test_ids(0) == test_ids(0) and test_ids(0) != test_ids(1)
+    assert subset_ids(3) == subset_ids(3) and subset_ids(3) != subset_ids(4)
+
+
+def test_stratified_subset_of_a_tiny_or_an_almost_whole_fraction():
+    """The subset keeps `round(fraction * n)` images, at least one; a fraction that rounds to all of them is all."""
+    ds = _numbered([0] * 50 + [1] * 50)
+    assert len(stratified_subset(ds, 0.01, "label", seed=0)) == 1  # round(1.0)
+    assert len(stratified_subset(ds, 0.004, "label", seed=0)) == 1  # round(0.4) = 0, but never nothing
+    assert stratified_subset(ds, 0.999, "label", seed=0) is ds  # round(99.9) = 100
+    assert stratified_subset(ds, 1.5, "label", seed=0) is ds
+
+
 def test_a_split_that_cannot_be_stratified_is_still_the_same_for_the_same_seed(caplog):
     """With a class of one image the split is random, but seeded: one seed, one split, on every run."""
     caplog.set_level(logging.WARNING, logger="sar_hf.data.loading")
@@ -258,7 +440,12 @@ def test_a_split_that_cannot_be_stratified_is_still_the_same_for_the_same_seed(c
         return list(stratified_split(ds, 0.5, "label", seed=seed)["test"]["id"])
 
     test = test_ids(0)
-    assert "Cannot stratify" in caplog.text  # the random fallback was taken
+    with pytest.raises(ValueError) as refusal:  # what datasets says, which the warning passes on
+        ds.train_test_split(test_size=0.5, stratify_by_column="label", seed=0)
+    assert (
+        caplog.records[0].getMessage()
+        == f"Cannot stratify the split by 'label' ({refusal.value}); splitting at random."
+    )
     assert len(test) == 30 and set(test) <= set(range(60))
     assert test == test_ids(0) and test != test_ids(1)  # 1 chance in 10^17 that two random splits agree
     subset = list(stratified_subset(ds, 0.5, "label", seed=0)["id"])
@@ -348,6 +535,76 @@ def test_image_transform_converts_every_mode_as_the_image_processor_does():
         assert to_rgb(image).mode == "RGB"
 
 
+def test_to_rgb_takes_the_numpy_path_or_an_older_releases_conversion(monkeypatch):
+    """Where `convert_to_rgb` can return an array, `to_rgb` asks for one (returning PIL is deprecated there and
+    warns); with an older release, whose `convert_to_rgb` has no such argument, it converts as that release does."""
+    from transformers import image_transforms
+
+    warned = []
+    monkeypatch.setattr(image_transforms.logger, "warning_once", lambda *args, **kwargs: warned.append(args))
+    rgba = PILImage.new("RGBA", (3, 2), (10, 20, 30, 0))  # fully transparent
+    assert np.asarray(to_rgb(rgba)).tolist() == [[[255, 255, 255]] * 3] * 2 and warned == []  # composited on white
+
+    def convert_to_rgb(image):  # the older releases (5.9): the alpha channel is dropped
+        return image.convert("RGB")
+
+    monkeypatch.setattr(image_transforms, "convert_to_rgb", convert_to_rgb)
+    assert np.asarray(to_rgb(rgba)).tolist() == [[[10, 20, 30]] * 3] * 2
+
+
+def test_image_transform_takes_a_single_mean_and_std_and_the_processors_resample():
+    """A scalar mean or std stands for all three channels; `resample` is PIL's filter (bilinear when not given)."""
+    image = PILImage.fromarray(np.arange(48, dtype=np.uint8).reshape(6, 8) * 5)
+    scalar = ImageTransform((12, 16), image_mean=0.5, image_std=0.25)
+    torch.testing.assert_close(scalar(image), ImageTransform((12, 16), [0.5] * 3, [0.25] * 3)(image))
+    for resample in (None, PILImage.Resampling.NEAREST, PILImage.Resampling.BICUBIC):
+        transform = ImageTransform((12, 16), [0.0] * 3, [1.0] * 3, resample=resample)
+        resized = image.convert("RGB").resize((16, 12), PILImage.Resampling.BILINEAR if resample is None else resample)
+        expected = torch.from_numpy(np.asarray(resized, np.float32) / 255).permute(2, 0, 1)
+        torch.testing.assert_close(transform.pixels(image), expected, msg=str(resample))
+
+
+def test_training_crops_are_resized_with_the_processors_resample():
+    """A training crop is the box cut from the image and resized with `resample` (bilinear when not given), as PIL
+    does it given the same box."""
+    image = PILImage.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    for resample in (None, PILImage.Resampling.NEAREST, PILImage.Resampling.BICUBIC):
+        transform = ImageTransform(
+            (12, 16), [0.0] * 3, [1.0] * 3, augment=True, crop_scale=(0.5, 0.8), resample=resample
+        )
+        torch.manual_seed(1)
+        box = transform._crop_box(40, 30)
+        torch.manual_seed(1)
+        pixels = transform.pixels(image)
+        filter_ = PILImage.Resampling.BILINEAR if resample is None else resample
+        expected = np.asarray(image.resize((16, 12), filter_, box=box), np.float32) / 255
+        torch.testing.assert_close(pixels, torch.from_numpy(expected).permute(2, 0, 1), msg=str(resample))
+
+
+def test_training_crops_cover_that_share_of_the_image_as_a_random_resized_crop():
+    """Each crop box lies in the image, covers a share of its area within `crop_scale`, with an aspect ratio within
+    [3/4, 4/3], anywhere in the image; after 10 failed tries it is the whole image, as torchvision's
+    `RandomResizedCrop` does (here it fails with the probability computed from the two uniform draws)."""
+    torch.manual_seed(0)
+    transform = ImageTransform((8, 8), [0.0] * 3, [1.0] * 3, augment=True, crop_scale=(0.5, 0.9))
+    boxes = np.array([transform._crop_box(40, 30) for _ in range(1500)])
+    left, top, right, bottom = boxes.T
+    assert left.min() >= 0 and top.min() >= 0 and right.max() <= 40 + 1e-9 and bottom.max() <= 30 + 1e-9
+    width, height = right - left, bottom - top
+    share, ratio = width * height / (40 * 30), width / height
+    assert share.min() >= 0.5 - 1e-9 and share.max() <= 0.9 + 1e-9 and share.max() - share.min() > 0.35
+    assert ratio.min() >= 3 / 4 - 1e-9 and ratio.max() <= 4 / 3 + 1e-9 and ratio.max() - ratio.min() > 0.5
+    assert np.abs(left / (40 - width) - 0.5).max() > 0.45 and np.abs(top / (30 - height) - 0.5).max() > 0.45
+
+    # A square image and a share in [0.9, 1]: a try fits when |log ratio| <= -log share, so it succeeds with
+    # p = E[-log s] / log(4/3) over s ~ U[0.9, 1]; all ten fail with probability (1 - p)^10, about 0.138.
+    p = (0.1 + 0.9 * math.log(0.9)) / 0.1 / math.log(4 / 3)
+    whole = ImageTransform((8, 8), [0.0] * 3, [1.0] * 3, augment=True, crop_scale=(0.9, 1.0))
+    boxes = [whole._crop_box(50, 50) for _ in range(8000)]
+    fallback = np.mean([box == (0.0, 0.0, 50.0, 50.0) for box in boxes])
+    assert abs(fallback - (1 - p) ** 10) < 0.012, (fallback, (1 - p) ** 10)  # sd 0.004; 11 tries give 0.113
+
+
 def test_image_transform_augments_reproducibly():
     image = PILImage.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4)
     plain = ImageTransform((8, 8), [0.0] * 3, [1.0] * 3)(image)
@@ -375,6 +632,53 @@ def test_processor_size():
     assert processor_size(Processor()) == (224, 224)
     Processor.do_center_crop = False
     assert processor_size(Processor()) == (256, 256)
+
+
+def test_processor_size_reads_attribute_sizes_and_refuses_what_it_cannot_tell():
+    """A size given as an object with attributes (not a dict) is read the same; the crop counts only where the
+    processor says it crops; a size it cannot read is the error that says so."""
+    from types import SimpleNamespace as Processor
+
+    assert processor_size(Processor(size=Processor(height=24, width=32))) == (24, 32)
+    assert processor_size(Processor(size=Processor(shortest_edge=256))) == (256, 256)
+    assert processor_size(Processor(size={"height": 24, "width": 32}, crop_size={"height": 8, "width": 8})) == (24, 32)
+    assert processor_size(Processor(size={"shortest_edge": 20}, do_center_crop=True)) == (20, 20)  # no crop_size
+    for unreadable in (Processor(size={"height": 24}), Processor(size=None)):
+        with pytest.raises(ValueError, match=r"^Cannot tell the output size of SimpleNamespace \(size="):
+            processor_size(unreadable)
+
+
+def test_processor_size_of_a_processor_without_a_size_is_the_same_error():
+    """Not an `AttributeError` from writing the message: the processor has no `size` at all."""
+    from types import SimpleNamespace as Processor
+
+    with pytest.raises(ValueError, match=r"^Cannot tell the output size of SimpleNamespace \(size=None\)\.$"):
+        processor_size(Processor(do_center_crop=False))
+
+
+def test_load_image_processor_reads_a_saved_processor_with_or_without_the_auto_class(tmp_path, monkeypatch):
+    """A saved processor comes back with its settings and the keyword arguments applied, also where
+    `AutoImageProcessor` refuses to load without torchvision."""
+    import transformers
+
+    from sar_hf.data import load_image_processor
+
+    saved = vit_image_processor_class()(size={"height": 20, "width": 12}, image_mean=[0.1, 0.2, 0.3])
+    saved.save_pretrained(tmp_path)
+
+    def check(processor):
+        assert processor_size(processor) == (20, 12) and list(processor.image_mean) == [0.1, 0.2, 0.3]
+        assert processor.do_normalize is False  # the keyword argument
+
+    check(load_image_processor(str(tmp_path), do_normalize=False))
+
+    def refuse(*args, **kwargs):
+        raise ImportError("this processor needs torchvision")
+
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", refuse)
+    fallback = load_image_processor(str(tmp_path), do_normalize=False)
+    assert type(fallback) is vit_image_processor_class()
+    check(fallback)
 
 
 def test_collate_fn():

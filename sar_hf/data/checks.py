@@ -116,7 +116,7 @@ def check_classes(ds, label_column: str, split: str = "train") -> None:
     present = np.unique(np.asarray(ds.with_format("numpy")[label_column]))
     names = getattr(feature, "names", None)
     if getattr(feature, "num_classes", len(present)) < 2 or len(present) < 2:
-        found = [names[i] for i in present] if names else present.tolist()
+        found = [names[i] for i in present if i < len(names)] if names else present.tolist()
         raise ValueError(
             f"The {split!r} split has only one class ({found}); classification needs at least two. With an "
             "image folder, put each class in its own subfolder (train_dir/cat/..., train_dir/dog/...)."

@@ -61,7 +61,8 @@ def processor_size(image_processor) -> tuple[int, int]:
     size = cropped or read(getattr(image_processor, "size", None))
     if size is None:
         raise ValueError(
-            f"Cannot tell the output size of {type(image_processor).__name__} (size={image_processor.size})."
+            f"Cannot tell the output size of {type(image_processor).__name__} "
+            f"(size={getattr(image_processor, 'size', None)})."
         )
     return size
 
