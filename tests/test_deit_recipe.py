@@ -61,9 +61,34 @@ def test_randaugment_magnitude_is_drawn_per_batch_and_clipped():
         augment(_images(2))
         magnitudes.append(augment.randaugment.m)
     assert len(set(magnitudes)) > 1 and max(magnitudes) == 30  # clipped at kornia's top (timm's 10)
-    fixed = _transform(randaugment_ops=1, randaugment_magnitude=9)
-    fixed(_images(2))
-    assert fixed.randaugment.m == 27
+    fixed = _transform(randaugment_ops=1)  # DeiT's magnitude 9 and no spread by default
+    for seed in range(2):
+        _seeded(lambda: fixed(_images(2)), seed)
+        assert fixed.randaugment.m == 27
+
+
+def test_randaugment_magnitude_is_normal_clipped_at_0():
+    """timm's `mstd`: each batch's magnitude is N(m, std) clipped to 0..10, here m = 2, std = 2 (16% of draws at 0)."""
+    augment = _transform(randaugment_ops=1, randaugment_magnitude=2.0, randaugment_magnitude_std=2.0)
+
+    class Recorder(torch.nn.Module):  # stands in for kornia's RandAugment: keeps the magnitude that it is given
+        m = None
+
+        def forward(self, pixels):
+            magnitudes.append(self.m / 3)  # kornia's 0..30 -> timm's 0..10
+            return pixels
+
+    magnitudes = []
+    augment.randaugment = Recorder()
+    torch.manual_seed(0)
+    for _ in range(400):
+        augment._augment(torch.zeros(1, 3, 2, 2))
+    magnitudes = np.array(magnitudes)
+    assert magnitudes.min() == 0 and magnitudes.max() <= 10
+    at_zero = int((magnitudes == 0).sum())
+    assert stats.binomtest(at_zero, len(magnitudes), stats.norm.cdf(0, 2, 2)).pvalue > 1e-3
+    above = stats.truncnorm((0 - 2) / 2, (10 - 2) / 2, loc=2, scale=2)  # the draws that were not clipped
+    assert stats.kstest(magnitudes[magnitudes > 0], above.cdf).pvalue > 1e-3
 
 
 def test_random_erasing_sets_one_box_per_image_to_the_mean_colour():
@@ -150,6 +175,21 @@ def test_cutmix_pastes_a_box_whose_area_is_the_partner_share():
         assert len({box for s, box in boxes if s == seed}) <= 1  # one box for the batch (DeiT's batch mode)
 
 
+def test_cutmix_lambda_follows_beta_alpha_alpha():
+    """The box's share of the area is 1 − λ, λ ~ Beta(α, α); at α = 0.3 most boxes are tiny or nearly whole, so
+    few shares fall between 0.25 and 0.75 (Beta(0.3, 0.3): 22%; kornia's default α = 1: 50%)."""
+    cutmix = MixupCutmix(8, cutmix_alpha=0.3)
+    images, labels = _distinct(batch=8, side=32)
+    torch.manual_seed(0)
+    shares = []
+    for _ in range(150):
+        _, targets = cutmix(images, labels)
+        shares.append(float((1 - targets[labels, labels]).max()))  # any image whose partner is another one
+    middle = sum(0.25 < share < 0.75 for share in shares)
+    beta = stats.beta(0.3, 0.3)
+    assert stats.binomtest(middle, len(shares), beta.cdf(0.75) - beta.cdf(0.25)).pvalue > 1e-3
+
+
 @pytest.mark.parametrize("switch_prob, cutmix_expected", [(0.0, False), (1.0, True)])
 def test_switch_probability_chooses_between_mixup_and_cutmix(switch_prob, cutmix_expected):
     images, labels = _distinct()
@@ -158,6 +198,30 @@ def test_switch_probability_chooses_between_mixup_and_cutmix(switch_prob, cutmix
         mixed, _ = _seeded(lambda: both(images, labels), seed)
         own_or_other = [(mixed[i] == images[i]).all(0) | (mixed[i] == images).all(1).any(0) for i in range(8)]
         assert all(mask.all() for mask in own_or_other) == cutmix_expected
+
+
+@pytest.mark.parametrize("mixup_alpha, cutmix_alpha, switch_prob", [(1.0, 0.0, 0.5), (1.0, 1.0, 0.0), (1.0, 1.0, 0.5)])
+def test_a_draw_equal_to_the_switch_probability_is_mixup(monkeypatch, mixup_alpha, cutmix_alpha, switch_prob):
+    """Cutmix when the draw u ~ U[0, 1) is below the switch probability: u = p (0 can be drawn) is mixup, and
+    mixup alone never reaches for the cutmix that it does not have."""
+    import sar_hf.scripts.deit_recipe as recipe
+
+    mix = MixupCutmix(8, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, switch_prob=switch_prob)
+
+    class Torch:  # torch, with the switch's draw fixed at the switch probability (kornia's own draws untouched)
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def rand(*size, **kwargs):
+            return torch.full(size[0] if size and isinstance(size[0], tuple) else size, switch_prob)
+
+    monkeypatch.setattr(recipe, "torch", Torch())
+    images, labels = _distinct()
+    mixed, targets = _seeded(lambda: mix(images, labels))
+    partner, weight = _partners(targets, labels, 0.0, 8)
+    expected = (1 - weight.view(-1, 1, 1, 1)) * images + weight.view(-1, 1, 1, 1) * images[partner]
+    torch.testing.assert_close(mixed, expected)  # a convex combination: mixup
 
 
 def test_targets_fold_the_smoothing_in():
@@ -193,31 +257,45 @@ def test_mixing_runs_on_the_device_and_draws_as_on_the_cpu():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(mixup_alpha=-0.1), r"`mixup_alpha` must be in \[0, inf\), got -0.1"),
-        (dict(cutmix_alpha=float("inf")), r"`cutmix_alpha` must be in \[0, inf\), got inf"),
-        (dict(mixup_alpha=float("nan")), r"`mixup_alpha` must be in \[0, inf\), got nan"),
-        (dict(mixup_alpha=1.0, switch_prob=1.5), r"`switch_prob` must be in \[0, 1\], got 1.5"),
-        (dict(mixup_alpha=1.0, label_smoothing=-0.1), r"`label_smoothing` must be in \[0, 1\]"),
-        (dict(), "needs `mixup_alpha` or `cutmix_alpha` above 0"),
+        (dict(mixup_alpha=-0.1), r"`mixup_alpha` must be in \[0, inf\), got -0.1."),
+        (dict(cutmix_alpha=float("inf")), r"`cutmix_alpha` must be in \[0, inf\), got inf."),
+        (dict(mixup_alpha=float("nan")), r"`mixup_alpha` must be in \[0, inf\), got nan."),
+        (dict(mixup_alpha=1.0, switch_prob=1.5), r"`switch_prob` must be in \[0, 1\], got 1.5."),
+        (dict(mixup_alpha=1.0, switch_prob=-0.5), r"`switch_prob` must be in \[0, 1\], got -0.5."),
+        (dict(mixup_alpha=1.0, label_smoothing=-0.1), r"`label_smoothing` must be in \[0, 1\], got -0.1."),
+        (dict(mixup_alpha=1.0, label_smoothing=1.5), r"`label_smoothing` must be in \[0, 1\], got 1.5."),
+        (dict(), r"MixupCutmix needs `mixup_alpha` or `cutmix_alpha` above 0."),
     ],
 )
 def test_bad_mixing_settings(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=f"^{message}$"):  # the whole message: what a user reads
         MixupCutmix(10, **kwargs)
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(randaugment_ops=16), r"`randaugment_ops` must be in \[0, 15\]"),
-        (dict(randaugment_ops=2, randaugment_magnitude=10.5), r"`randaugment_magnitude` must be in \[0, 10\]"),
-        (dict(randaugment_magnitude_std=-1), r"`randaugment_magnitude_std` must be in \[0, inf\)"),
-        (dict(random_erasing_prob=1.2), r"`random_erasing_prob` must be in \[0, 1\]"),
+        (dict(randaugment_ops=16), r"`randaugment_ops` must be in \[0, 15\], got 16."),
+        (
+            dict(randaugment_ops=2, randaugment_magnitude=10.5),
+            r"`randaugment_magnitude` must be in \[0, 10\], got 10.5.",
+        ),
+        (dict(randaugment_magnitude_std=-1), r"`randaugment_magnitude_std` must be in \[0, inf\), got -1."),
+        (dict(random_erasing_prob=1.2), r"`random_erasing_prob` must be in \[0, 1\], got 1.2."),
     ],
 )
 def test_bad_image_augmentation_settings(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
         _transform(**kwargs)
+
+
+def test_the_ends_of_every_range_are_accepted():
+    """The bounds are inclusive: 0 and 1 for the probabilities, all 15 operations, magnitudes 0 and 10."""
+    for ops, magnitude, erasing in [(15, 10.0, 1.0), (0, 0.0, 0.0), (1, 0.0, 1.0)]:
+        transform = _transform(randaugment_ops=ops, randaugment_magnitude=magnitude, random_erasing_prob=erasing)
+        assert transform(_images(2)).shape == (2, 3, 16, 16)
+    for switch_prob, smoothing in [(0.0, 0.0), (1.0, 1.0)]:
+        MixupCutmix(10, mixup_alpha=1.0, cutmix_alpha=1.0, switch_prob=switch_prob, label_smoothing=smoothing)
 
 
 def test_batch_operations_run_on_one_cpu_thread_and_restore_the_thread_count(monkeypatch):
@@ -257,16 +335,62 @@ def test_recipe_arguments_build_the_augmentations_they_name():
     values = {key: value for key, value in RECIPES["deit"].items() if key in RecipeArguments.__dataclass_fields__}
     recipe = RecipeArguments(**{**values, "mixup_switch_prob": 0.3, "randaugment_magnitude": 7.0})
     assert recipe.mixes_batches and not RecipeArguments().mixes_batches
-    transform = recipe.train_transform(ImageTransform((16, 16), MEAN, STD))
+    image_transform = ImageTransform((16, 16), MEAN, STD, augment=True, hflip=True)
+    transform = recipe.train_transform(image_transform)
     assert (transform.randaugment.n, transform.magnitude, transform.magnitude_std) == (2, 7.0, 0.5)
     assert transform.erasing.p == 0.25
+    images = _images(8)
+    expected = TrainImageTransform(image_transform, 2, 7.0, 0.5, 0.25)  # the same flags, given by hand
+    torch.testing.assert_close(_seeded(lambda: transform(images)), _seeded(lambda: expected(images)))
     mix = recipe.batch_mix(10, label_smoothing=0.1)
     assert (mix.switch_prob, mix.label_smoothing, mix.num_classes) == (0.3, 0.1, 10)
     assert mix.mixup_lambda.concentration0 == pytest.approx(0.8) and mix.cutmix is not None
     assert RecipeArguments(cutmix_alpha=1.0).batch_mix(3, 0.0).switch_prob == 1.0  # cutmix alone: always cutmix
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(recipe="vit"), r"--recipe must be one of \['deit'\], got 'vit'."),
+        (dict(warmup_epochs=-1.0), r"--warmup_epochs must be in \[0, inf\), got -1.0."),
+        (dict(warmup_epochs=float("nan")), r"--warmup_epochs must be in \[0, inf\), got nan."),
+        (dict(randaugment_ops=16), r"--randaugment_ops must be in \[0, 15\], got 16."),
+        (dict(randaugment_magnitude=-1.0), r"--randaugment_magnitude must be in \[0, 10\], got -1.0."),
+        (dict(randaugment_magnitude=11.0), r"--randaugment_magnitude must be in \[0, 10\], got 11.0."),
+        (dict(randaugment_magnitude_std=-0.5), r"--randaugment_magnitude_std must be in \[0, inf\), got -0.5."),
+        (dict(random_erasing_prob=1.5), r"--random_erasing_prob must be in \[0, 1\], got 1.5."),
+        (dict(mixup_alpha=-1.0), r"--mixup_alpha must be in \[0, inf\), got -1.0."),
+        (dict(cutmix_alpha=float("inf")), r"--cutmix_alpha must be in \[0, inf\), got inf."),
+        (dict(mixup_switch_prob=-0.1), r"--mixup_switch_prob must be in \[0, 1\], got -0.1."),
+    ],
+)
+def test_bad_recipe_flags_are_refused_when_parsed(kwargs, message):
+    """The flags are checked as they are parsed, before any data is loaded, and the message names the flag."""
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        RecipeArguments(**kwargs)
+
+
+def test_recipe_flags_at_the_ends_of_their_ranges_are_accepted():
+    RecipeArguments(recipe="deit", warmup_epochs=0.5)  # a fraction of an epoch
+    RecipeArguments(warmup_epochs=0.0, randaugment_ops=15, randaugment_magnitude=10.0, random_erasing_prob=1.0)
+    RecipeArguments(randaugment_magnitude=0.0, mixup_switch_prob=1.0, mixup_alpha=0.0, cutmix_alpha=0.0)
+    RecipeArguments(mixup_switch_prob=0.0)
+
+
 def test_the_old_import_path_keeps_working():
     import sar_hf.augmentation as old
 
     assert (old.MixupCutmix, old.TrainImageTransform) == (MixupCutmix, TrainImageTransform)
+
+
+def test_randaugment_keeps_pixels_in_0_1():
+    """As timm's operations on 8-bit images keep them. kornia rotates a white image a rounding error above 1
+    (bilinear weights that sum to 1 + 1 ulp), and an inversion or solarisation after that takes it below 0: these
+    seeds draw such a pair of operations for a batch (and kornia's m = 13, a rotation of 13 degrees)."""
+    white = [PILImage.new("RGB", (32, 32), "white")] * 16
+    transform = TrainImageTransform(
+        ImageTransform((32, 32), [0.0] * 3, [1.0] * 3), randaugment_ops=2, randaugment_magnitude=13 / 3
+    )
+    for seed in (600, 1114, 1280):
+        pixels = _seeded(lambda: transform(white), seed)  # mean 0, std 1: the pixels as RandAugment leaves them
+        assert pixels.min() == 0 and pixels.max() == 1, seed

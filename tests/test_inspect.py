@@ -7,7 +7,12 @@ regions (scipy's labelling) and their t intervals (scipy.stats) must be what the
 """
 
 import json
+import logging
 import math
+import os
+import re
+import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,7 +26,7 @@ from scipy import stats
 import sar_hf
 from sar_hf.data import load_digits_dataset, vit_image_processor_class
 from sar_hf.scripts import inspect_attention
-from sar_hf.scripts.inspect_attention import layer_indices, main, map_statistics, summarise
+from sar_hf.scripts.inspect_attention import InspectArguments, layer_indices, main, map_statistics, summarise
 
 # 16 px images in 4 px patches (a 4x4 grid), 3 layers of 2 heads; scores spread wide of their means.
 TINY = dict(
@@ -217,6 +222,9 @@ def test_summarise_by_hand():
     assert entry["layer"] == 7 and entry["head_entropy_mean"] == pytest.approx([0.2, 1.0])
     assert entry["head_entropy_ci95"] == [pytest.approx([0.2 - half, 0.2 + half], abs=1e-6), pytest.approx([1, 1])]
     assert entry["entropy_mean"] == pytest.approx(0.6) and entry["regions_mean"] == pytest.approx(3.5)
+    (two,) = summarise("m", entropy[:2], regions[:2], [7])["layers"]  # the smallest N with an interval
+    half = 12.706205 * math.sqrt(0.005) / math.sqrt(2)  # t(0.975, 1); sd of 0.1, 0.2 is sqrt(0.005)
+    assert two["head_entropy_ci95"][0] == pytest.approx([0.15 - half, 0.15 + half], abs=1e-6)
     one = summarise("m", entropy[:1], regions[:1], [7])
     assert one["images"] == 1 and one["layers"][0]["head_entropy_ci95"] == [[None, None], [None, None]]
     json.dumps(one, allow_nan=False)  # valid JSON: no NaN
@@ -229,17 +237,124 @@ def test_map_statistics_by_hand():
     entropy, regions = map_statistics(torch.stack([two, flat])[None, :, None], (2, 3))
     assert entropy.shape == regions.shape == (1, 2, 1)
     assert entropy[0, :, 0].tolist() == pytest.approx([math.log(2), 0.0]) and regions[0, :, 0].tolist() == [2, 0]
-    with pytest.raises(ValueError, match=r"1 \[CLS\] map\(s\) hold non-finite scores"):
-        map_statistics(torch.stack([two, flat.clone().fill_(float("nan"))])[None, :, None], (2, 3))
+    nan, inf = flat.clone().fill_(float("nan")), two.clone().index_fill_(0, torch.tensor([4]), float("inf"))
+    with pytest.raises(ValueError, match=r"^2 \[CLS\] map\(s\) hold non-finite scores; their entropy is undefined.$"):
+        map_statistics(torch.stack([two, nan, inf, flat])[None, :, None], (2, 3))  # one bad score spoils a map
 
 
 def test_layer_indices():
     assert layer_indices(None, 3) == [0, 1, 2]
     assert layer_indices([-1, 0, 2], 3) == [0, 2]
-    with pytest.raises(ValueError, match=r"--layers 3 is out of range: the model has 3 layers \(0..2, or -3..-1\)"):
+    assert layer_indices([-3, 1, 1], 3) == [0, 1]  # -3 is the first of 3 layers; repeats collapse
+    with pytest.raises(ValueError, match=r"^--layers 3 is out of range: the model has 3 layers \(0..2, or -3..-1\).$"):
         layer_indices([3], 3)
-    with pytest.raises(ValueError, match="--figure_layer -4 is out of range"):
+    with pytest.raises(ValueError, match=r"^--figure_layer -4 is out of range"):
         layer_indices([-4], 3, "--figure_layer")
+
+
+def test_arguments_are_checked_as_they_are_parsed():
+    """The smallest accepted values, the messages for the values below them, and where the results go by default."""
+    args = InspectArguments(model="runs/my-ckpt/", images="digits", batch_size=1, max_images=1, figure_images=0)
+    assert args.output == os.path.join("outputs", "inspect-my-ckpt")
+    assert InspectArguments(model="m", images="digits", output="here").output == "here"
+    for flag, value, message in [
+        ("batch_size", 0, "--batch_size must be at least 1, got 0."),
+        ("max_images", 0, "--max_images must be at least 1, got 0."),
+        ("figure_images", -1, "--figure_images must be >= 0, got -1."),
+    ]:
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            InspectArguments(model="m", images="digits", **{flag: value})
+
+
+def _split(count, column="image", start=0):
+    """A `datasets.Dataset` of `count` distinct 4x4 grey images (pixel value = start + index) and a label column."""
+    import datasets
+
+    images = [Image.new("L", (4, 4), start + i) for i in range(count)]
+    features = datasets.Features({column: datasets.Image(), "label": datasets.Value("int64")})
+    return datasets.Dataset.from_dict({column: images, "label": list(range(count))}, features=features)
+
+
+def _grey_levels(images):
+    return [image.getpixel((0, 0)) for image in images[images.column_names[0]]]
+
+
+@pytest.mark.parametrize(
+    "splits, expected",
+    [
+        (("train", "validation", "test"), "test"),
+        (("train", "validation"), "validation"),
+        (("validation", "train"), "validation"),
+        (("train",), "train"),
+        (("holdout", "extra"), "holdout"),  # none preferred: the first
+    ],
+)
+def test_the_split_measured_by_default(monkeypatch, splits, expected):
+    from datasets import DatasetDict
+
+    data = DatasetDict({name: _split(2, start=10 * i) for i, name in enumerate(splits)})
+    monkeypatch.setattr(inspect_attention, "load_image_dataset", lambda *a, **k: data)
+    images = inspect_attention.load_images(InspectArguments(model="m", images="somewhere"))
+    assert _grey_levels(images) == _grey_levels(data[expected])
+
+
+def test_max_images_and_a_split_that_is_not_there(monkeypatch):
+    from datasets import DatasetDict
+
+    data = DatasetDict({"train": _split(3), "test": _split(5, start=100)})
+    monkeypatch.setattr(inspect_attention, "load_image_dataset", lambda *a, **k: data)
+
+    def load(**kwargs):
+        return inspect_attention.load_images(InspectArguments(model="m", images="somewhere", **kwargs))
+
+    assert _grey_levels(load(max_images=2)) == [100, 101]  # the first ones
+    assert _grey_levels(load(max_images=1)) == [100]
+    assert _grey_levels(load(max_images=9)) == [100, 101, 102, 103, 104]
+    assert _grey_levels(load(split="train", max_images=2)) == [0, 1]
+    with pytest.raises(ValueError, match=r"^--split 'validation': the data has the splits \['train', 'test'\].$"):
+        load(split="validation")
+
+
+def test_images_from_a_folder_of_data_files(tmp_path):
+    """A folder of parquet files is a `datasets` name (its splits, its columns), not a folder of images."""
+    _split(3, column="picture").to_parquet(str(tmp_path / "train.parquet"))
+    _split(5, column="picture", start=100).to_parquet(str(tmp_path / "test.parquet"))
+
+    def load(**kwargs):
+        args = InspectArguments(model="m", images=str(tmp_path), image_column_name="picture", **kwargs)
+        return inspect_attention.load_images(args)
+
+    images = load()
+    assert images.column_names == ["picture"] and _grey_levels(images) == [100, 101, 102, 103, 104]  # test
+    assert _grey_levels(load(split="train")) == [0, 1, 2]
+    assert _grey_levels(load(max_images=2)) == [100, 101]  # the first ones
+    assert _grey_levels(load(max_images=1)) == [100]
+    assert _grey_levels(load(max_images=9)) == [100, 101, 102, 103, 104]
+    with pytest.raises(ValueError, match=r"^--split 'validation': the data has the splits \['train', 'test'\].$"):
+        load(split="validation")
+    with pytest.raises(ValueError, match="no column 'image'"):
+        inspect_attention.load_images(InspectArguments(model="m", images=str(tmp_path)))
+
+
+def test_what_counts_as_a_folder_of_images(tmp_path, monkeypatch):
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    (tmp_path / "images" / "cat" / "a.PNG").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.parquet").write_bytes(b"")
+    (tmp_path / "digits").mkdir()  # a folder named like a bundled dataset: the name wins
+    (tmp_path / "digits" / "a.png").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    folders = ("images", "empty", "data", "digits", "images/cat/a.PNG", "missing")
+    assert [inspect_attention.is_image_folder(name) for name in folders] == [True, True, False, False, False, False]
+
+
+def test_a_split_without_images_is_refused(monkeypatch):
+    from datasets import DatasetDict
+
+    monkeypatch.setattr(inspect_attention, "load_image_dataset", lambda *a, **k: DatasetDict({"test": _split(0)}))
+    with pytest.raises(ValueError, match=r"^The 'test' split of somewhere holds no images.$"):
+        inspect_attention.load_images(InspectArguments(model="m", images="somewhere"))
 
 
 def test_errors_say_what_is_wrong(tmp_path):
@@ -272,3 +387,95 @@ def test_errors_say_what_is_wrong(tmp_path):
         run(vit, folder, "--split", "test")
     with pytest.raises(ValueError, match="--batch_size must be at least 1"):
         run(vit, folder, "--batch_size", "0")
+
+
+class _TorchWithAGPU:
+    """torch as the command sees it on a machine with a GPU (the model's `to` is recorded, not run)."""
+
+    cuda = type("cuda", (), {"is_available": staticmethod(lambda: True)})
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def test_what_the_command_prints_and_logs(tmp_path, monkeypatch, capsys):
+    """A user's terminal: the progress bar, the log lines (INFO and up, in the format set), one line per layer;
+    and the model moved to the GPU when there is one."""
+    path = _checkpoint(tmp_path, "vit_msn", processor=False)
+    folder = _image_folder(tmp_path / "images", count=3)
+    out = tmp_path / "out"
+    moves = []
+    load_model = inspect_attention.load_model
+
+    def recording(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        model.to = lambda device: moves.append(device) or model
+        return model
+
+    monkeypatch.setattr(inspect_attention, "load_model", recording)
+    monkeypatch.setattr(inspect_attention, "torch", _TorchWithAGPU())
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers.clear()  # as in a fresh process, where `main` sets the logging up
+    root.setLevel(logging.WARNING)
+    try:
+        args = ["--model", str(path), "--images", str(folder), "--output", str(out), "--layers", "2", "0"]
+        report = main([*args, "--batch_size", "2", "--figure_images", "0"])
+    finally:
+        root.handlers[:], root.level = handlers, level
+    printed, err = capsys.readouterr()
+    assert moves == ["cuda"]
+    assert printed.splitlines() == [
+        f"layer {entry['layer']:>2}: entropy {entry['entropy_mean']:.3f} nats, {entry['regions_mean']:.2f} regions"
+        for entry in report["layers"]
+    ]
+    assert [entry["layer"] for entry in report["layers"]] == [0, 2] and report["images"] == 3
+    name = "sar_hf.scripts.inspect_attention"
+    warning = f"WARNING - {name} - {path} has no image processor; resizing to its 16 px with a ViTImageProcessor."
+    assert warning in err.splitlines()
+    assert f"INFO - {name} - 3 images, 2 layers: {out}" in err.splitlines()
+    assert re.search(r"\[CLS\] maps: 100%.*\| 2/2 \[.*batch", err)  # two batches of up to 2 images
+    assert sorted(os.listdir(out)) == ["entropy_by_layer.png", "inspect.json"]  # no maps drawn
+    assert (out / "inspect.json").read_text(encoding="utf-8") == json.dumps(report, indent=2)  # for people to read
+
+
+def test_the_hub_settings_reach_every_download(tmp_path, monkeypatch):
+    """--cache_dir and --token go to each thing that may come from the Hub: the config, the model (a backbone, a
+    classifier, CLIP's image tower), its image processor and the dataset."""
+    calls = []
+
+    def recorder(what, load):
+        def recorded(*args, **kwargs):
+            calls.append((what, kwargs.get("cache_dir"), kwargs.get("token")))
+            return load(*args, **kwargs)
+
+        return recorded
+
+    for name in ("AutoConfig", "AutoModel", "AutoModelForImageClassification"):
+        loader = getattr(inspect_attention, name).from_pretrained
+        monkeypatch.setattr(inspect_attention, name, SimpleNamespace(from_pretrained=recorder(name, loader)))
+    clip = recorder("CLIPVisionModel", transformers.CLIPVisionModel.from_pretrained)
+    monkeypatch.setattr(transformers.CLIPVisionModel, "from_pretrained", clip)  # imported where it is used
+    for name in ("load_image_processor", "load_image_dataset"):
+        monkeypatch.setattr(inspect_attention, name, recorder(name, getattr(inspect_attention, name)))
+    cache, token = str(tmp_path / "cache"), "hf_not_a_real_token"
+    args = ["--images", "digits", "--max_images", "2", "--figure_images", "0", "--output", str(tmp_path / "out")]
+    main(["--model", str(_checkpoint(tmp_path, "vit")), *args, "--cache_dir", cache, "--token", token])
+    for family in ("deit", "clip"):
+        inspect_attention.load_model(str(_checkpoint(tmp_path, family)), cache, token)
+    loaded = ["AutoConfig", "AutoModel", "load_image_processor", "load_image_dataset"]
+    loaded += ["AutoConfig", "AutoModelForImageClassification", "AutoConfig", "CLIPVisionModel"]
+    assert calls == [(what, cache, token) for what in loaded]
+
+
+def test_the_command_line_of_the_process_and_the_help(monkeypatch, capsys):
+    """`main()` reads the process's arguments (`python -m sar_hf.scripts.inspect_attention --help`); the help
+    starts with the docstring's first paragraph."""
+    monkeypatch.setattr(sys, "argv", ["inspect_attention.py", "--help"])
+    with pytest.raises(SystemExit) as raised:
+        main()
+    assert raised.value.code == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert printed.startswith("usage: sar-hf inspect ")
+    description = printed.split(" options: ")[0]  # after the usage, before the flags
+    assert description.endswith(" " + " ".join(inspect_attention.__doc__.split("\n\n")[0].split()))

@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageClassification,
 from sar_hf import CLSScoreCapture, connected_components, spatial_entropy
 from sar_hf.data import (
     BUNDLED_DATASETS,
+    IMAGE_EXTENSIONS,
     check_columns,
     load_image_dataset,
     load_image_processor,
@@ -118,9 +119,21 @@ def load_model(name_or_path: str, cache_dir: str | None = None, token: str | Non
     return model.eval()
 
 
+def is_image_folder(path: str) -> bool:
+    """Whether `--images path` names a folder of images rather than a bundled dataset or a `datasets` name.
+
+    A folder that holds image files (or no file at all, which `load_image_dataset` refuses with the
+    reason) is one; a folder of data files (parquet, csv, ...) is a `datasets` name.
+    """
+    if path in BUNDLED_DATASETS or not os.path.isdir(path):
+        return False
+    files = [name for _, _, names in os.walk(path) for name in names]
+    return not files or any(name.lower().endswith(IMAGE_EXTENSIONS) for name in files)
+
+
 def load_images(args: InspectArguments):
     """The images to measure, from a folder, a bundled dataset or a `datasets` name: a `Dataset` of one column."""
-    folder = os.path.isdir(args.images) and args.images not in BUNDLED_DATASETS
+    folder = is_image_folder(args.images)
     dataset = load_image_dataset(
         None if folder else args.images,
         train_dir=args.images if folder else None,
