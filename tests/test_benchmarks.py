@@ -218,3 +218,166 @@ def test_the_evidence_jaccard_against_a_hand_made_mask():
     inks = torch.tensor([[True, True, False, False], [False, False, True, True]])
     expected = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     torch.testing.assert_close(evidence.attention_jaccard(two, inks), expected)
+
+
+@pytest.mark.parametrize("family", list(bench_step.FAMILIES))
+def test_bench_steps_sar_variants_add_their_weight_times_the_entropy_to_the_plain_models_loss(family):
+    """On the same weights and batch: the plain variant is the family's own classifier and its loss is
+    the cross-entropy of its logits (no SAR term); `sar` adds λ·SE, so halving λ halves what it adds;
+    `sar-eager` adds the same term (the eager capture reads the same scores). ViT's SAR variants are
+    `SARViTForImageClassification`, the package's model; the other families carry a `SpatialEntropyLoss`."""
+    config = TINY_CONFIGS[family]
+    torch.manual_seed(0)
+    state = bench_step.build_model(family, config, "plain", 0.0).state_dict()
+    pixel_values, labels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1])
+    losses = {}
+    for variant, weight in (("plain", 0.5), ("sar", 0.5), ("sar", 0.25), ("sar-eager", 0.5)):
+        model = bench_step.build_model(family, config, variant, weight)
+        model.load_state_dict(state)
+        with torch.no_grad():
+            output = model.train()(pixel_values=pixel_values, labels=labels)
+        losses[variant, weight] = output.loss.item()
+        sar_vit = family == "vit" and variant != "plain"  # the package's own model; the others carry the loss
+        assert type(model) is (bench_step.SARViTForImageClassification if sar_vit else bench_step.FAMILIES[family][1])
+        if variant == "plain":
+            assert output.loss.item() == pytest.approx(torch.nn.functional.cross_entropy(output.logits, labels).item())
+    plain = losses["plain", 0.5]
+    term = losses["sar", 0.5] - plain
+    assert term > 1e-3
+    assert losses["sar", 0.25] - plain == pytest.approx(term / 2, rel=1e-4)
+    assert losses["sar-eager", 0.5] == pytest.approx(losses["sar", 0.5], abs=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_published_step_results_follow_from_their_command_and_raw_times(device):
+    """`benchmarks/results/bench_step_<device>.json` keeps the command, the settings it ran with and
+    every variant's raw step times and memory figures; the `.md` beside it the tables and verdicts.
+    The recorded command parses to the recorded settings (so it reruns the published study), and
+    the ratios, tables and verdicts are what the raw figures give: the median over rounds of the
+    paired ratio (which differs from the ratio of the medians), MiB of 2**20 bytes, and the verdict
+    against each model's target (the GPU's 1.16 misses 1.03)."""
+    report = json.loads((ROOT / f"benchmarks/results/bench_step_{device}.json").read_text())
+    markdown = (ROOT / f"benchmarks/results/bench_step_{device}.md").read_text()
+    args = bench_step.parse_args(report["command"].split()[1:])
+    assert {key: getattr(args, key) for key in report["settings"]} == report["settings"]
+    for name, result in report["results"].items():
+        variants = result["variants"]
+        times = {variant: [ms / 1e3 for ms in row["times_ms"]] for variant, row in variants.items()}
+        memory = {variant: row["memory"] for variant, row in variants.items()}
+        first_loss = {variant: row["first_step_loss"] for variant, row in variants.items()}
+        summary = bench_step.summarise(times, first_loss, memory)
+        assert {variant: set(row) for variant, row in summary.items()} == {v: set(row) for v, row in variants.items()}
+        for variant, row in summary.items():
+            for key, value in row.items():  # times_ms: recomputed from seconds, so approximately
+                assert value == (variants[variant][key] if key == "memory" else pytest.approx(variants[variant][key]))
+        assert bench_step.table(summary) in markdown
+        assert bench_step.verdict(name, summary, args.time_target, args.memory_target) in markdown
+    # Without memory figures the rows hold the times alone.
+    assert set(bench_step.summarise(times, first_loss, None)["sar"]) == {
+        "first_step_loss", "times_ms", "median_ms", "min_ms", "time_ratio", "time_ratio_of_medians"
+    }  # fmt: skip
+
+
+def test_the_step_ratios_against_a_hand_computation():
+    """Three rounds. plain 1, 2, 4 s (median 2 s); sar 3, 2.2, 4.4 s: paired ratios 3, 1.1, 1.1, median
+    1.1, where the ratio of the medians is 3 / 2 = 1.5; sar-eager 3, 3, 8 s: paired 3, 1.5, 2, median
+    2, and 1.5 again for the medians. Peaks 1 GiB, 1.5 GiB, 2 GiB; step rises 1, 3, 4 MiB."""
+    times = {"plain": [1.0, 2.0, 4.0], "sar": [3.0, 2.2, 4.4], "sar-eager": [3.0, 3.0, 8.0]}
+    memory = {
+        "plain": {"peak": 2**30, "step": 2**20},
+        "sar": {"peak": 3 * 2**29, "step": 3 * 2**20},
+        "sar-eager": {"peak": 2**31, "step": 4 * 2**20},
+    }
+    summary = bench_step.summarise(times, {"plain": 1.0, "sar": 1.25, "sar-eager": 1.5}, memory)
+    expected = {
+        "plain": (1.0, 2000.0, 1000.0, 1.0, 1.0, 1024.0, 1.0, 1.0, 1.0),
+        "sar": (1.25, 3000.0, 2200.0, 1.1, 1.5, 1536.0, 3.0, 1.5, 3.0),
+        "sar-eager": (1.5, 3000.0, 3000.0, 2.0, 1.5, 2048.0, 4.0, 2.0, 4.0),
+    }
+    keys = ("first_step_loss", "median_ms", "min_ms", "time_ratio", "time_ratio_of_medians", "peak_MiB", "step_MiB",
+            "peak_ratio", "step_ratio")  # fmt: skip
+    for variant, row in summary.items():
+        assert tuple(row[key] for key in keys) == pytest.approx(expected[variant]), variant
+    assert summary["sar"]["times_ms"] == pytest.approx([3000.0, 2200.0, 4400.0])
+    assert summary["sar"]["memory"] == memory["sar"]
+
+
+@pytest.mark.parametrize(
+    "name, sar, time_target, memory_target, expected",
+    [
+        ("vit_s16", {"time_ratio": 1.03, "peak_ratio": 1.02}, None, 1.02,
+         "SDPA-path time ratio 1.030 meets the target <= 1.03; peak-memory ratio 1.020 meets the target <= 1.02."),
+        ("small", {"time_ratio": 1.1001, "peak_ratio": 1.0201}, None, 1.02,
+         "SDPA-path time ratio 1.100 misses the target <= 1.1; peak-memory ratio 1.020 misses the target <= 1.02."),
+        ("deit_s16", {"time_ratio": 1.2}, 1.25, 1.02, "SDPA-path time ratio 1.200 meets the target <= 1.25."),
+        ("dinov2_s14_reg4", {"time_ratio": 1.02, "peak_ratio": 1.04}, 1.01, 1.05,
+         "SDPA-path time ratio 1.020 misses the target <= 1.01; peak-memory ratio 1.040 meets the target <= 1.05."),
+    ],
+)  # fmt: skip
+def test_the_verdict_meets_a_target_up_to_and_at_it(name, sar, time_target, memory_target, expected):
+    """A ratio equal to its target meets it; the time target is the model's (issue 8's) unless
+    --time-target is given; without memory figures the verdict is about time alone."""
+    summary = {"plain": {"time_ratio": 1.0, "peak_ratio": 1.0}, "sar": sar}
+    assert bench_step.verdict(name, summary, time_target, memory_target) == expected
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_bench_step_runs_on_the_gpu_where_torch_sees_one_else_on_the_cpu(cuda, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert bench_step.parse_args([]).device == ("cuda" if cuda else "cpu")
+    assert bench_step.parse_args(["--device", "cpu"]).device == "cpu"
+
+
+def test_bench_step_refuses_an_unknown_model_and_bad_round_counts(capsys):
+    """A misspelt model is refused with the choices before anything is built, as are no timed rounds
+    and a negative warm-up (argparse's exit status 2)."""
+    rounds = "error: --repeats must be >= 1 and --warmup >= 0\n"
+    for argv, why in ((["--models", "vit_b16"], "invalid choice: 'vit_b16'"), (["--repeats", "0"], rounds),
+                      (["--warmup", "-1"], rounds)):  # fmt: skip
+        with pytest.raises(SystemExit) as error:
+            bench_step.parse_args(argv)
+        assert error.value.code == 2 and why in capsys.readouterr().err, argv
+    assert bench_step.parse_args(["--repeats", "1", "--warmup", "0"]).repeats == 1
+
+
+def test_bench_step_help_opens_with_the_scripts_summary_and_hides_the_memory_worker(capsys):
+    """`--help` starts with the first paragraph of the script's docstring (not the whole docstring)
+    and does not offer `--memory-worker`, the option by which the script starts its own subprocesses."""
+    with pytest.raises(SystemExit):
+        bench_step.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    summary = " ".join(bench_step.__doc__.split("\n\n")[0].split())
+    assert summary.startswith("The cost of SAR in one training step") and summary in text
+    assert "One step is forward, backward" not in text
+    assert "--memory-worker" not in text and "--repeats REPEATS" in text
+
+
+def test_bench_steps_options_parse_to_numbers():
+    """Every numeric option parses to a number of its type (`--threads 2` reaches
+    `torch.set_num_threads` as the number 2; a string would fail there, or build a model from text)."""
+    given = {"threads": 2, "repeats": 5, "warmup": 0, "seed": 3, "batch": 8, "sar_weight": 0.5, "time_target": 1.1,
+             "memory_target": 1.5, "small_image": 16, "small_patch": 2, "small_hidden": 32, "small_layers": 1,
+             "small_heads": 2, "small_intermediate": 64, "small_labels": 3, "small_batch": 4}  # fmt: skip
+    argv = [part for key, value in given.items() for part in ("--" + key.replace("_", "-"), str(value))]
+    args = bench_step.parse_args(argv)
+    assert {key: (getattr(args, key), type(getattr(args, key))) for key in given} == {
+        key: (value, type(value)) for key, value in given.items()
+    }
+
+
+def test_bench_step_help_explains_the_options_it_documents(capsys):
+    """What `--help` tells a user about each documented option (normalised for line wrapping): a lost,
+    garbled or shouted help text, or the small model's options out of their group, shows here."""
+    with pytest.raises(SystemExit):
+        bench_step.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for line in (
+        "--repeats REPEATS timed rounds (one step of every variant each)",
+        "--warmup WARMUP untimed rounds first (also before memory)",
+        "--bf16 bfloat16 autocast",
+        "--threads THREADS torch.set_num_threads (CPU)",
+        "--batch BATCH batch of the 224 px models",
+        "--no-memory skip the peak-memory subprocesses",
+        "the small model: --small-image SMALL_IMAGE",
+    ):
+        assert line in text, line

@@ -16,15 +16,15 @@ SEARCH = ["--datasets", "digits", "cluttered-digits", "--recipes", "plain", "dei
           "--fractions", "0.5", "0.1", "--epochs", "2"]  # fmt: skip
 
 
-def stub_run(accuracy):
-    """A run function that "trains" every requested run at once with `accuracy(run)`, in 10 s each, and
-    the list of the epochs and seeds that each call asked for."""
+def stub_run(accuracy, seconds=lambda r: 10.0):
+    """A run function that "trains" every requested run at once with `accuracy(run)`, in `seconds(run)`
+    (10 s each unless told), and the list of the epochs and seeds that each call asked for."""
     requested, finished = [], {}
 
     def run(runs):
         requested.append((sorted({r["epochs"] for r in runs}), sorted({r["seed"] for r in runs})))
         for r in runs:
-            finished.setdefault(evidence.run_key(r), {**r, "test_accuracy": accuracy(r), "train_seconds": 10.0})
+            finished.setdefault(evidence.run_key(r), {**r, "test_accuracy": accuracy(r), "train_seconds": seconds(r)})
         return list(finished.values())
 
     return run, requested
@@ -47,27 +47,35 @@ def gains_0015_at_2(r):
     return 0.5 + 0.015 * (r["epochs"] >= 4)
 
 
+PLATEAU = "the baseline has plateaued at {budget} epochs"
+CAP = "no plateau by {budget} epochs, the cap (--max_epochs {budget}): the budget is {budget}"
+
+
 @pytest.mark.parametrize(
-    "accuracy, max_epochs, requested, budget",
+    "accuracy, max_epochs, requested, budget, why",
     [
         # Doubles until every dataset and recipe has plateaued (the plain digits at 4, the rest at 8).
-        (saturating, 64, [[2, 4], [4, 8], [8, 16]], 8),
+        (saturating, 64, [[2, 4], [4, 8], [8, 16]], 8, PLATEAU),
         # The cap: the budget never exceeds --max_epochs, plateau or not.
-        (saturating, 4, [[2, 4], [4, 8]], 4),
-        (lambda r: 0.1 * r["epochs"], 8, [[2, 4], [4, 8], [8, 16]], 8),
+        (saturating, 4, [[2, 4], [4, 8]], 4, CAP),
+        (lambda r: 0.1 * r["epochs"], 8, [[2, 4], [4, 8], [8, 16]], 8, CAP),
         # A flat start is a plateau at once.
-        (lambda r: 0.5, 64, [[2, 4]], 2),
+        (lambda r: 0.5, 64, [[2, 4]], 2, PLATEAU),
         # The upper bound counts, not only the mean.
-        (noisy_at_4, 64, [[2, 4], [4, 8]], 4),
+        (noisy_at_4, 64, [[2, 4], [4, 8]], 4, PLATEAU),
         # So does the mean: 0.015 > 0.01 with a bound of 0.015 <= 0.02.
-        (gains_0015_at_2, 64, [[2, 4], [4, 8]], 4),
+        (gains_0015_at_2, 64, [[2, 4], [4, 8]], 4, PLATEAU),
     ],
 )
-def test_the_budget_search_doubles_until_every_baseline_plateaus_or_the_cap(accuracy, max_epochs, requested, budget):
+def test_the_budget_search_doubles_until_every_baseline_plateaus_or_the_cap(
+    accuracy, max_epochs, requested, budget, why, capsys
+):
+    """... and its last word in the log says which of the two ended it."""
     args = evidence.parse_args([*SEARCH, "--max_epochs", str(max_epochs)])
     run, asked = stub_run(accuracy)
     assert evidence.search_budget(args, run) == budget
     assert asked == [(epochs, [0, 1, 2]) for epochs in requested]
+    assert capsys.readouterr().out.splitlines()[-1] == "evidence: " + why.format(budget=budget)
     # Each round is the baseline at the smallest fraction, every dataset, recipe and seed, twice the epochs first.
     round_one = evidence.plateau_runs(args, 2, args.seeds)
     assert [r["epochs"] for r in round_one] == [4] * 12 + [2] * 12
@@ -92,6 +100,31 @@ def test_the_search_stops_doubling_when_the_next_round_and_the_smallest_study_wo
     assert evidence.search_budget(args, run) == budget
     assert [epochs for epochs, _ in asked] == requested
     assert [seeds for _, seeds in asked] == [[0]] + [[0, 1, 2]] * (len(requested) - 1)
+
+
+# One dataset, recipe and fraction (10%), seeds 0 and 1 (--min_seeds), one worker; every run takes 10 s
+# per pass over the training split, so the plan counts 12.5 s per pass. After round one (2 and 4
+# epochs; the probe was seed 0's) the next round and the smallest study at 4 epochs add the baseline at
+# 8 epochs (2 runs of 0.8 passes: 20 s) and sar-0.1 at 4 (2 x 0.4 passes: 10 s): 30 s plus the
+# longest run, 10 s, is 40 s. With 45 s that fits and the search doubles to 4 epochs, where the next
+# round (16 epochs) would not; with 38 s it stays at 2. Planning 3E (70 s, or 60 s for the study
+# alone) would stop at 2 with 45 s; planning E / 2 (17.5 s, or 35 s) would double with 38 s.
+@pytest.mark.parametrize("seconds, requested, budget", [(45, [[2, 4], [2, 4], [4, 8]], 4), (38, [[2, 4]] * 2, 2)])
+def test_the_search_doubles_exactly_while_the_next_round_and_the_smallest_study_fit(
+    seconds, requested, budget, capsys
+):
+    args = evidence.parse_args([
+        "--datasets", "digits", "--recipes", "plain", "--variants", "baseline", "sar-0.1", "--seeds", "0", "1",
+        "--fractions", "0.1", "--epochs", "2", "--max_epochs", "64", "--min_seeds", "2", "--time_budget_s",
+        str(seconds),
+    ])  # fmt: skip
+    args.started = time.monotonic()
+    run, asked = stub_run(lambda r: 0.1 * r["epochs"], seconds=lambda r: 10 * evidence.training_passes(r))
+    assert evidence.search_budget(args, run) == budget
+    assert asked == [(requested[0], [0])] + [(epochs, [0, 1]) for epochs in requested[1:]]
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"evidence: no plateau by {budget} epochs; {2 * budget} would leave the study no time: the budget is {budget}"
+    )
 
 
 # The search's seeds: the probe is seed 0 (two runs, two workers), 10 s per run of 0.2 or 0.4 passes,
@@ -133,16 +166,18 @@ def test_the_predicted_wall_time_against_a_hand_computation():
 #   2 seeds (--min_seeds):   (2 x 15 - 1.25) / 2 + 6.25 = 20.6 s
 #   2 seeds, 10% only:       (4 x 1.25 - 1.25) / 2 + 1.25 = 3.1 s
 @pytest.mark.parametrize(
-    "seconds, seeds, fractions",
+    "seconds, seeds, fractions, about",
     [
-        (40, [0, 1, 2, 3], [0.1, 0.5]),
-        (30, [0, 1, 2], [0.1, 0.5]),
-        (25, [0, 1], [0.1, 0.5]),
-        (20, [0, 1], [0.1]),  # seeds go down to --min_seeds before a fraction goes
-        (3, [0, 1], []),
+        (40, [0, 1, 2, 3], [0.1, 0.5], None),
+        (30, [0, 1, 2], [0.1, 0.5], 28),
+        (25, [0, 1], [0.1, 0.5], 21),
+        (20, [0, 1], [0.1], 3),  # seeds go down to --min_seeds before a fraction goes
+        (3, [0, 1], [], 0),
     ],
 )
-def test_the_time_plan_cuts_seeds_before_fractions(seconds, seeds, fractions):
+def test_the_time_plan_cuts_seeds_before_fractions(seconds, seeds, fractions, about, capsys):
+    """The plan logs what it cut and what the rest would take (the whole design: 35.6 s); with nothing
+    cut it logs nothing."""
     args = evidence.parse_args([
         "--datasets", "digits", "--recipes", "plain", "--variants", "baseline", "sar-0.1", "--seeds", "0", "1", "2",
         "3", "--fractions", "0.5", "0.1", "--min_seeds", "2", "--workers", "2", "--time_budget_s", str(seconds),
@@ -151,6 +186,11 @@ def test_the_time_plan_cuts_seeds_before_fractions(seconds, seeds, fractions):
     done = {"dataset": "digits", "fraction": 0.1, "seed": 0, "recipe": "plain", "variant": "baseline",
             "epochs": 10, "batch_size": 16, "train_seconds": 1.0}  # fmt: skip
     assert evidence.fit_study(args, 10, [done]) == (seeds, fractions)
+    cut = (
+        f"evidence: to fit the time left ({seconds} s), the study at 10 epochs keeps seeds {seeds} and fractions "
+        f"{fractions} of [0.1, 0.5]: about {about} s (the whole design: 36 s)\n"
+    )
+    assert capsys.readouterr().out == ("" if about is None else cut)
 
 
 def test_rows_pair_each_variant_with_its_recipes_baseline_over_the_seeds_all_variants_finished():
@@ -342,3 +382,169 @@ def test_the_fixed_map_is_learnt_from_the_training_masks_and_scored_on_the_test_
         "test": images([far_corner], [corner, far_corner]),
     })  # fmt: skip
     assert evidence.fixed_map_scores(data, (4, 4)) == pytest.approx((0.25, 0.625))
+
+
+def image_split(columns):
+    """A split with an Image column per entry of `columns` (name -> list of PIL images)."""
+    import datasets
+
+    features = datasets.Features({name: datasets.Image() for name in columns})
+    return datasets.Dataset.from_dict(columns, features=features)
+
+
+def test_object_masks_are_any_ink_of_an_image_in_any_mode_or_the_mask_column():
+    """4x4 images. The faintest ink (grey level 1) is ink; a colour image's red pixel is ink too, and
+    its mask is [H, W] like the others. Where a split has a `mask` column (the cluttered digits) the
+    object is the mask, not the image: the clutter fills the whole canvas, the digit one pixel."""
+    from PIL import Image
+
+    faint, red = Image.new("L", (4, 4)), Image.new("RGB", (4, 4))
+    faint.putpixel((1, 2), 1)  # (x, y): row 2, column 1
+    red.putpixel((3, 0), (255, 0, 0))
+    expected = torch.zeros(2, 4, 4, dtype=torch.bool)
+    expected[0, 2, 1] = expected[1, 0, 3] = True
+    assert torch.equal(evidence.object_masks(image_split({"image": [faint, red]})), expected)
+
+    clutter, digit = Image.new("L", (4, 4), 200), Image.new("L", (4, 4))
+    digit.putpixel((1, 2), 255)
+    assert torch.equal(evidence.object_masks(image_split({"image": [clutter], "mask": [digit]})), expected[:1])
+
+
+def test_the_jaccard_keeps_the_fewest_patches_that_hold_60_percent():
+    """A map of masses 0.6 and 0.4 (exact in float32): the first patch alone holds 60%, so it alone is
+    kept, and against an object that is that patch the Jaccard index is 1, not 1/2. Five equal patches
+    (0.2 each): three hold 60%, so against an object of all five the index is 3/5, not 4/5."""
+    peaked = torch.tensor([0.6, 0.4]).log()[None, None]
+    assert evidence.attention_jaccard(peaked, torch.tensor([[True, False]])).item() == 1
+    assert evidence.attention_jaccard(peaked, torch.tensor([[False, True]])).item() == 0
+    flat = torch.zeros(1, 1, 5)
+    assert evidence.attention_jaccard(flat, torch.ones(1, 5, dtype=torch.bool)).item() == pytest.approx(3 / 5)
+
+
+def test_each_maps_above_mean_patches_are_its_own_whatever_else_is_in_the_batch():
+    """Adding a constant to a map's scores leaves its softmax, and so its mass on the object, as it
+    was: a map shifted up by 10 beside the same map unshifted still scores 3/7 against the object
+    {1, 2} (see above), as it does alone. A mean over the whole batch would put every patch of the
+    shifted map above it (mass 0.5) and none of the other (0)."""
+    scores = torch.tensor([0.4, 0.3, 0.2, 0.1]).log()
+    maps = torch.stack([scores, scores + 10])[:, None]  # [B=2, heads=1, n=4]
+    objects = torch.tensor([[False, True, True, False]]).expand(2, 4)
+    torch.testing.assert_close(evidence.mass_on_object(maps, objects), torch.full((2, 1), 3 / 7))
+
+
+def test_two_pairs_already_give_scipys_interval():
+    """Two seeds are the fewest with a t interval (1 degree of freedom): differences 0.1 and 0.3, mean
+    0.2, sd 0.1414, t(0.975, 1) = 12.71, so 0.2 ± 1.271; scipy's paired t test gives the same."""
+    from scipy import stats
+
+    mean, low, high = evidence.paired_interval([0.6, 0.8], [0.5, 0.5])
+    reference = stats.ttest_rel([0.6, 0.8], [0.5, 0.5]).confidence_interval(0.95)
+    assert (mean, low, high) == pytest.approx((0.2, reference.low, reference.high), rel=1e-9)
+    assert (low, high) == pytest.approx((0.2 - 1.2706, 0.2 + 1.2706), abs=1e-4)
+
+
+def test_a_finished_plan_fits_when_the_time_is_up():
+    """Runs that are all finished take no time: a resumed study past its time budget (0 s left) still
+    fits its search round and its study as planned, rather than cutting seeds it has already run."""
+    args = evidence.parse_args(["--workers", "2", "--time_budget_s", "10"])
+    args.started = time.monotonic() - 60  # the budget ran out 50 s ago
+    assert evidence.seconds_left(args) == 0
+    done = {"dataset": "digits", "fraction": 0.1, "seed": 0, "recipe": "plain", "variant": "baseline", "epochs": 10,
+            "batch_size": 16, "train_seconds": 2.0}  # fmt: skip
+    assert evidence.predicted_seconds(args, [done], [done]) == 0
+    assert evidence.fits(args, [done], [done])
+    assert not evidence.fits(args, [{**done, "seed": 1}], [done])
+
+
+def test_the_plateau_rows_pair_the_seeds_that_ran_both_budgets():
+    """At 4 epochs the baseline has seeds 0-3 (the study's, at the budget) and seed 9 (another
+    invocation's, not asked for); at 8 epochs seeds 0 and 1 (the search's) and 9. The row pairs seeds
+    0 and 1 alone: gains 0.1 and 0.3, mean 0.2, scipy's paired interval; accuracy at 4 epochs 0.45."""
+    from scipy import stats
+
+    args = evidence.parse_args(["--datasets", "digits", "--recipes", "plain", "--seeds", "0", "1", "2", "3",
+                                "--fractions", "0.5", "0.1"])  # fmt: skip
+    accuracy = {(4, 0): 0.4, (4, 1): 0.5, (4, 2): 0.9, (4, 3): 0.9, (4, 9): 0.0, (8, 0): 0.5, (8, 1): 0.8, (8, 9): 1.0}
+    runs = [
+        {"dataset": "digits", "fraction": 0.1, "seed": seed, "recipe": "plain", "variant": "baseline",
+         "epochs": epochs, "batch_size": 16, "test_accuracy": value}
+        for (epochs, seed), value in accuracy.items()
+    ]  # fmt: skip
+    runs += [{**runs[0], "fraction": 0.5}, {**runs[0], "variant": "sar-0.1"}, {**runs[0], "recipe": "deit"}]
+    (row,) = evidence.plateau_rows(runs, args, 4)
+    reference = stats.ttest_rel([0.5, 0.8], [0.4, 0.5]).confidence_interval(0.95)
+    assert row == pytest.approx({
+        "dataset": "digits", "recipe": "plain", "fraction": 0.1, "n": 2, "epochs": 4, "accuracy_mean": 0.45,
+        "gain_mean": 0.2, "ci95_low": reference.low, "ci95_high": reference.high,
+    })  # fmt: skip
+    assert evidence.plateau_rows(runs, args, 8) == []  # no run at 16 epochs
+
+
+@pytest.mark.parametrize(
+    "gain, high, plateaued",
+    [(0.01, 0.02, True), (-0.05, 0.0, True), (0.0101, 0.015, False), (0.005, 0.0201, False), (0.0, None, False)],
+)
+def test_a_plateau_is_a_mean_gain_of_at_most_001_with_an_upper_bound_of_at_most_002(gain, high, plateaued):
+    """As the report states it: mean ≤ 0.01 and upper bound ≤ 0.02 (both limits included); a gain
+    without an interval (one seed) is no evidence of a plateau."""
+    assert evidence.plateaued({"gain_mean": gain, "ci95_low": None, "ci95_high": high}) is plateaued
+
+
+def test_the_report_cells_of_a_difference_and_its_interval():
+    """A baseline's row has no difference (a dash); a difference over one seed has no interval; else
+    the signed difference with its bounds, four decimals each."""
+    assert evidence._interval(None, None, None) == "—"
+    assert evidence._interval(0.1, None, None) == "+0.1000"
+    assert evidence._interval(-0.02, -0.05, 0.25) == "-0.0200 [-0.0500, +0.2500]"
+
+
+def test_the_rows_hold_every_metrics_mean_and_a_one_seed_cell_has_no_interval():
+    """Plain recipe at 10%: the baseline finished seed 0 and sar-0.1 seed 1 only, so no seed is paired
+    and the cell has no rows (the DeiT rows after it still come). At 50%, one seed (0) for both plain
+    variants: the means are that seed's values, the difference is one number and its interval and
+    the standard deviation are None (JSON has no NaN). DeiT at 10%: two seeds, paired, with the
+    means of every metric over them."""
+    metrics = {"test_entropy": 1.0, "test_jaccard": 0.2, "test_mass": 0.5}
+    run = {"dataset": "digits", "epochs": 8, "batch_size": 16}
+    runs = [
+        {**run, "fraction": 0.1, "recipe": "plain", "variant": "baseline", "seed": 0, "test_accuracy": 0.5, **metrics},
+        {**run, "fraction": 0.1, "recipe": "plain", "variant": "sar-0.1", "seed": 1, "test_accuracy": 0.6, **metrics},
+        {**run, "fraction": 0.5, "recipe": "plain", "variant": "baseline", "seed": 0, "test_accuracy": 0.7, **metrics},
+        {**run, "fraction": 0.5, "recipe": "plain", "variant": "sar-0.1", "seed": 0, "test_accuracy": 0.75,
+         "test_entropy": 0.5, "test_jaccard": 0.4, "test_mass": 0.75},
+    ]  # fmt: skip
+    for seed, values in ((0, (0.3, 2.0, 0.1, 0.4)), (1, (0.5, 3.0, 0.3, 0.6))):
+        for variant, shift in (("baseline", 0.0), ("sar-0.1", 0.1)):
+            accuracy, entropy, jaccard, mass = (value + shift for value in values)
+            runs.append({**run, "fraction": 0.1, "recipe": "deit", "variant": variant, "seed": seed,
+                         "test_accuracy": accuracy, "test_entropy": entropy, "test_jaccard": jaccard,
+                         "test_mass": mass})  # fmt: skip
+    rows = {(row["fraction"], row["recipe"], row["variant"]): row for row in evidence.summarize(runs)}
+    assert list(rows) == [(0.1, "deit", "baseline"), (0.1, "deit", "sar-0.1"), (0.5, "plain", "baseline"),
+                          (0.5, "plain", "sar-0.1")]  # fmt: skip
+    one = rows[0.5, "plain", "sar-0.1"]
+    assert (one["n"], one["n_paired"], one["accuracy_mean"], one["accuracy_std"]) == (1, 1, 0.75, None)
+    assert (one["entropy_mean"], one["jaccard_mean"], one["mass_mean"]) == (0.5, 0.4, 0.75)
+    assert one["diff_vs_baseline"] == pytest.approx(0.05) and one["ci95_low"] is None and one["ci95_high"] is None
+    assert one["entropy_diff_vs_baseline"] == pytest.approx(-0.5) and one["mass_diff_vs_baseline"] == 0.25
+    json.dumps(list(rows.values()), allow_nan=False)  # strict JSON, as summary.json is written
+    deit = rows[0.1, "deit", "sar-0.1"]
+    assert (deit["n"], deit["n_paired"]) == (2, 2)
+    assert [deit[key] for key in ("accuracy_mean", "entropy_mean", "jaccard_mean", "mass_mean")] == pytest.approx(
+        [0.5, 2.6, 0.3, 0.6]
+    )
+    assert deit["accuracy_std"] == pytest.approx(0.1 * 2**0.5)  # the sample sd (ddof 1) of 0.4 and 0.6
+    for name in ("", "entropy_", "jaccard_", "mass_"):  # every seed gains 0.1 on every metric: sd 0
+        assert deit[f"{name}diff_vs_baseline"] == pytest.approx(0.1)
+        assert deit[f"{name}ci95_low"] == pytest.approx(0.1) and deit[f"{name}ci95_high"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), None])
+def test_a_value_that_is_not_finite_is_written_as_none(value):
+    assert evidence._finite(value) is None
+
+
+def test_a_finite_value_is_written_as_a_python_float():
+    import numpy as np
+
+    assert evidence._finite(np.float32(0.25)) == 0.25 and type(evidence._finite(np.float32(0.25))) is float
