@@ -76,3 +76,34 @@ def test_a_pytorch_model_bin_must_be_whole(tmp_path):
     assert not is_complete_checkpoint(path)
     torch.save({"w": torch.zeros(64, 64)}, folder / "pytorch_model-00001-of-00001.bin")
     assert is_complete_checkpoint(path)
+
+
+def test_a_trainer_state_without_a_global_step_is_not_complete(tmp_path):
+    """JSON that parses but is no Trainer state (an empty or foreign object, a list, a string) is not one."""
+    path = _checkpoint(tmp_path, 10)
+    state = tmp_path / "checkpoint-10" / "trainer_state.json"
+    for text in ("{}", '{"log_history": []}', '["global_step"]', '"global_step"', "null"):
+        state.write_text(text)
+        assert not is_complete_checkpoint(path), text
+    state.write_text('{"global_step": 10}')
+    assert is_complete_checkpoint(path)
+
+
+def test_only_checkpoint_folders_are_read_and_each_incomplete_one_is_named(tmp_path, caplog):
+    """Trainer's own `runs/` (TensorBoard) and other folders or files sit next to the checkpoints: they are
+    neither taken nor warned about; each incomplete checkpoint folder gets one warning that names it."""
+    _checkpoint(tmp_path, 5)
+    (tmp_path / "runs" / "Dec01_10-00-00").mkdir(parents=True)
+    (tmp_path / "checkpoint-best").mkdir()
+    (tmp_path / "checkpoint-9").write_text("a file, not a folder")
+    (tmp_path / "checkpoint-8.tmp").mkdir()
+    cut = _checkpoint(tmp_path, 7, state=False)
+    with caplog.at_level("WARNING", logger="sar_hf.checkpoints"):
+        assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-5")
+    assert [(record.name, record.levelname, record.getMessage()) for record in caplog.records] == [
+        (
+            "sar_hf.checkpoints",
+            "WARNING",
+            f"Ignoring the incomplete checkpoint {cut} (no readable trainer_state.json or weights).",
+        )
+    ]

@@ -130,3 +130,13 @@ def test_plain_vit_config_loads_as_sar_config_with_the_settings(tmp_path):
     # Saved again, it is a SAR checkpoint.
     config.save_pretrained(tmp_path / "sar")
     assert json.loads((tmp_path / "sar" / "config.json").read_text())["model_type"] == "sar-vit"
+
+
+def test_a_plain_vit_configs_settings_make_a_sar_config():
+    """`SARViTConfig(**vit_config.to_dict())` (and `from_dict`): the plain config's `model_type` gives way to
+    the class's, so the config saves, and loads back, as a SAR one."""
+    plain = ViTConfig(**TINY).to_dict()
+    assert plain["model_type"] == "vit"
+    for config in (SARViTConfig(**plain, sar_layer=0), SARViTConfig.from_dict(plain, sar_layer=0)):
+        assert config.model_type == "sar-vit" and config.to_dict()["model_type"] == "sar-vit"
+        assert (config.hidden_size, config.sar_layer) == (TINY["hidden_size"], 0)

@@ -91,6 +91,8 @@ def test_a_label_that_is_no_class_is_a_miss():
     [
         lambda logits, labels: (logits, labels),
         lambda logits, labels: EvalPrediction(predictions=logits, label_ids=labels),
+        # `include_for_metrics=["inputs", "loss"]`: four elements, which do not unpack into two
+        lambda logits, labels: EvalPrediction(logits, labels, inputs=np.zeros((len(labels), 3)), losses=np.ones(1)),
         lambda logits, labels: ((logits, np.zeros((len(labels), 3))), labels),  # extra outputs after the logits
         lambda logits, labels: ([logits, None], labels),
         lambda logits, labels: (logits, labels[:, None]),  # labels [N, 1]
@@ -98,7 +100,17 @@ def test_a_label_that_is_no_class_is_a_miss():
         lambda logits, labels: (torch.from_numpy(logits), torch.from_numpy(labels)),
         lambda logits, labels: (logits.astype(np.float16), labels.astype(np.int32)),
     ],
-    ids=["tuple", "eval_prediction", "logits_first", "output_list", "labels_n_by_1", "label_list", "tensors", "fp16"],
+    ids=[
+        "tuple",
+        "eval_prediction",
+        "eval_prediction_with_inputs_and_losses",
+        "logits_first",
+        "output_list",
+        "labels_n_by_1",
+        "label_list",
+        "tensors",
+        "fp16",
+    ],
 )
 def test_the_forms_trainer_and_users_pass(wrap):
     logits, labels = draw(50, 8, seed=3)

@@ -406,3 +406,96 @@ def test_exporting_leaves_the_running_sar_figures_usable():
     torch.export.export(model, (), {"pixel_values": pixel_values, "labels": labels})
     out = model(pixel_values=pixel_values, labels=labels)
     assert model.sar_loss.sar_stats.pop(training=True)["entropy"] == pytest.approx(out.spatial_entropy.item())
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_no_skip_no_norm_block_leaves_out_the_tokens_the_attention_mask_masks(attn_implementation):
+    """A token that `attention_mask` masks is no key of the last block either: its [CLS] row, by hand from the
+    block's input with those keys left out, gives the logits; without the mask they differ."""
+    model = make_model(sar_no_skip_no_norm=True, attn_implementation=attn_implementation).eval()
+    pixel_values, labels = batch()
+    mask = torch.ones(BATCH, 17, dtype=torch.long)
+    mask[:, 3:9] = 0  # six patches left out
+    last = model.vit.layers[-1]
+    seen = {}
+    handle = last.register_forward_pre_hook(lambda module, args: seen.update(input=args[0]))  # None: args kept
+    with torch.no_grad():
+        out = model(pixel_values, labels=labels, attention_mask=mask)
+        handle.remove()
+        x = F.layer_norm(seen["input"], (32,), last.layernorm_before.weight, last.layernorm_before.bias, 1e-12)
+        att, heads, d = last.attention, TINY["num_attention_heads"], 32 // TINY["num_attention_heads"]
+        q = F.linear(x[:, :1], att.q_proj.weight, att.q_proj.bias).reshape(BATCH, 1, heads, d).transpose(1, 2)
+        k = F.linear(x, att.k_proj.weight, att.k_proj.bias).reshape(BATCH, -1, heads, d).transpose(1, 2)
+        v = F.linear(x, att.v_proj.weight, att.v_proj.bias).reshape(BATCH, -1, heads, d).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2) / d**0.5).masked_fill(mask[:, None, None, :] == 0, -torch.inf)
+        a = F.linear(
+            (scores.softmax(-1) @ v).transpose(1, 2).reshape(BATCH, 1, 32), att.o_proj.weight, att.o_proj.bias
+        )
+        y = a + last.mlp(a)  # no LayerNorm before the MLP, its residual kept
+        y = F.layer_norm(y, (32,), model.vit.layernorm.weight, model.vit.layernorm.bias, 1e-12)
+        logits = F.linear(y[:, 0], model.classifier.weight, model.classifier.bias)
+        unmasked = model(pixel_values).logits
+    torch.testing.assert_close(out.logits, logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(unmasked, logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("num_labels", [0, 1, 3])
+def test_the_head_is_vits_for_every_number_of_labels(num_labels):
+    """No labels: the [CLS] features are the logits (ViT's `nn.Identity` head); one label: a regression
+    head of one output. Either way the plain ViT with the same weights gives the same logits."""
+    torch.manual_seed(0)
+    model = SARViTForImageClassification(SARViTConfig(**{**TINY, "num_labels": num_labels})).eval()
+    plain = ViTForImageClassification(ViTConfig(**{**TINY, "num_labels": num_labels})).eval()
+    plain.load_state_dict(model.state_dict())
+    pixel_values, _ = batch()
+    with torch.no_grad():
+        logits = model(pixel_values).logits
+        torch.testing.assert_close(logits, plain(pixel_values).logits)
+    assert logits.shape == (BATCH, num_labels or TINY["hidden_size"])
+    assert model.num_labels == plain.num_labels == num_labels
+
+
+def test_the_encoder_takes_vits_mask_token_and_puts_the_authors_block_last():
+    """`SARViTModel` passes ViT's options on (`use_mask_token` for masked image modelling), and the authors'
+    block replaces the last of three layers, not the second."""
+    from transformers import ViTModel
+    from transformers.models.vit.modeling_vit import ViTLayer
+
+    from sar_hf import SARViTModel
+    from sar_hf.modeling_sar_vit import ViTLayerNoSkipNoNorm
+
+    settings = {**TINY, "num_hidden_layers": 3}
+    torch.manual_seed(0)
+    model = SARViTModel(SARViTConfig(**settings), use_mask_token=True).eval()
+    plain = ViTModel(ViTConfig(**settings), use_mask_token=True).eval()
+    plain.load_state_dict(model.state_dict())
+    pixel_values, _ = batch()
+    masked = torch.zeros(BATCH, 16, dtype=torch.bool)
+    masked[:, ::3] = True
+    with torch.no_grad():
+        out = model(pixel_values, bool_masked_pos=masked).last_hidden_state
+        torch.testing.assert_close(out, plain(pixel_values, bool_masked_pos=masked).last_hidden_state)
+        assert not torch.allclose(out, model(pixel_values).last_hidden_state, atol=1e-3)
+
+    layers = SARViTModel(SARViTConfig(**settings, sar_no_skip_no_norm=True)).layers
+    assert [type(layer) for layer in layers] == [ViTLayer, ViTLayer, ViTLayerNoSkipNoNorm]
+
+
+def test_no_skip_no_norm_block_hands_the_forwards_attention_arguments_to_its_kernel():
+    """Keyword arguments of the forward pass that steer the attention kernel (here SDPA's `is_causal`) reach
+    the attention of the authors' last block as they reach ViT's blocks, and change the logits."""
+    model = make_model(sar_no_skip_no_norm=True).eval()
+    pixel_values, _ = batch()
+    seen = []
+    handles = [
+        layer.attention.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(kwargs.get("is_causal")), with_kwargs=True
+        )
+        for layer in model.vit.layers
+    ]
+    with torch.no_grad():
+        out = model(pixel_values, is_causal=True).logits
+    for handle in handles:
+        handle.remove()
+    assert seen == [True, True]  # every block's attention was asked for a causal pass
+    assert not torch.allclose(out, model(pixel_values).logits, atol=1e-3)

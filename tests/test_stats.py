@@ -186,3 +186,51 @@ def test_the_sums_are_reduced_where_the_backend_reduces(monkeypatch, backend, ex
     monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: backend)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert stats_module._reduction_device() == expected
+
+
+def test_a_pass_with_zero_cross_entropy_still_counts():
+    # A batch classified with certainty: the cross-entropy underflows to 0 in single precision.
+    stats = SARStats()
+    stats.update(True, torch.tensor(0.5), torch.tensor(0.0), torch.tensor(1))
+    assert stats.pop(training=True) == {"entropy": 0.5, "ce_loss": 0.0, "skipped_maps": 1.0}
+
+
+def test_a_pass_on_another_device_joins_the_sums_where_they_are():
+    # A model moved to the CPU within a logging window (after steps on a GPU): its next pass's row joins
+    # the sums on their device. The meta device stands in for the GPU; it mixes with no CPU tensor.
+    stats = SARStats()
+    stats.update(True, *(torch.tensor(value, device="meta") for value in (1.0, 2.0, 0)))
+    stats.update(True, torch.tensor(3.0), torch.tensor(4.0), torch.tensor(1))
+    assert (stats._sums[True].device.type, stats._sums[True].shape) == ("meta", (4,))
+
+
+class _GPUTensor(torch.Tensor):
+    """A CPU tensor that reports a GPU, standing in for a CUDA tensor on a machine without one: `.to` the
+    CPU gives a plain CPU tensor (a copy), `.to` any other device (or None) leaves it where it is."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+    def to(self, device=None, *args, **kwargs):
+        if device is not None and torch.device(device).type == "cpu":
+            return self.as_subclass(torch.Tensor).clone()
+        return self
+
+
+def test_sums_kept_on_a_gpu_are_reduced_on_the_cpu_under_gloo(one_process_group, monkeypatch):
+    # gloo reduces on the CPU (`_reduction_device`), so sums that training kept on a GPU move there first.
+    stats = SARStats()
+    stats.update(True, torch.tensor(1.5), torch.tensor(0.5), torch.tensor(2))
+    stats._sums[True] = torch.Tensor._make_subclass(_GPUTensor, stats._sums[True])  # as if made on a GPU
+    devices, all_reduce = [], torch.distributed.all_reduce
+
+    def device_recording_all_reduce(tensor, *args, **kwargs):
+        devices.append(tensor.device)
+        return all_reduce(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", device_recording_all_reduce)
+    assert stats.pop(training=True) == {"entropy": 1.5, "ce_loss": 0.5, "skipped_maps": 2.0}
+    assert devices == [torch.device("cpu")]

@@ -7,13 +7,15 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.ndimage
 import torch
 from PIL import Image
+from references import reference_entropy
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 import sar_hf.visualization
 from sar_hf import SARViTConfig, SARViTForImageClassification, connected_components, spatial_entropy
-from sar_hf.visualization import CELL_INCHES, DPI, cls_attention, save_attention_figure
+from sar_hf.visualization import CELL_INCHES, DPI, cls_attention, draw_attention_figure, save_attention_figure
 
 TINY = dict(
     image_size=16,
@@ -189,3 +191,229 @@ def test_example_main(models, images, processor, tmp_path):
         assert png.size == expected_size(images=2, models=2, heads=1)
     with pytest.raises(SystemExit):  # one label for two models
         example.main([*argv[:-1], "--images", str(files[0])])
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    exp = np.exp(scores - scores.max(-1, keepdims=True))
+    return exp / exp.sum(-1, keepdims=True)
+
+
+def region_colours() -> np.ndarray:
+    """Black for the background, then tab20's 20 colours: [21, 3]."""
+    from matplotlib import colormaps
+
+    return np.array([(0.0, 0.0, 0.0), *colormaps["tab20"].colors])
+
+
+def scipy_regions(scores: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """8-connected regions of the patches scoring above the map's mean, numbered by scipy in raster order."""
+    return scipy.ndimage.label((scores > scores.mean()).reshape(grid), structure=np.ones((3, 3)))[0]
+
+
+def drawn_scores() -> dict:
+    """Two sets of scores on different grids and with different numbers of heads; image 0's head 0 of
+    set "A" has a single region above the mean (entropy 0), the others several."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 3, 12, generator=generator) * 2
+    a[0, 0] = torch.tensor([5.0, 4, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0])  # one region: the top-left corner
+    b = torch.randn(2, 2, 6, generator=generator) * 2
+    return {"A": (a, (3, 4)), "B": (b, (2, 3))}
+
+
+@pytest.mark.parametrize("heads", [None, 2, 1])
+def test_the_drawn_figure_shows_each_sets_maps_regions_and_entropies(tmp_path, saved_figures, heads):
+    """Every panel of `draw_attention_figure` against numpy and scipy: the image, the softmax map with
+    the map's spatial entropy (a float64 loop with scipy) in its title, the regions above the mean
+    coloured from black and tab20 with their count, and the labels of each row."""
+    scores = drawn_scores()
+    images = [
+        Image.fromarray(np.random.default_rng(1).integers(0, 256, (10, 14), dtype=np.uint8)),  # greyscale
+        Image.new("RGBA", (8, 6), (200, 30, 90, 40)),
+    ]
+    path = draw_attention_figure(scores, images, str(tmp_path / "new" / "maps.png"), heads=heads)
+    (figure,) = saved_figures
+
+    shown = {name: min(values.shape[1], heads or values.shape[1]) for name, (values, _) in scores.items()}
+    columns = 1 + 2 * max(shown.values())
+    assert path == tmp_path / "new" / "maps.png" and isinstance(path, pathlib.Path)
+    with Image.open(path) as png:
+        assert (png.format, png.size) == ("PNG", (CELL * columns, CELL * 4))  # 2 images x 2 sets
+    assert len(figure.axes) == 4 * columns
+    for ax in figure.axes:  # pictures, not plots
+        assert not len(ax.get_xticks()) and not len(ax.get_yticks()) and not ax.get_frame_on()
+
+    for i, image in enumerate(images):
+        for j, (name, (values, grid)) in enumerate(scores.items()):
+            row = figure.axes[(2 * i + j) * columns :][:columns]
+            assert row[0].get_ylabel() == f"{name}\nimage {i}"
+            assert row[0].yaxis.label.get_fontsize() == 9  # two lines that fit beside a 200 px panel
+            np.testing.assert_array_equal(row[0].images[0].get_array(), np.asarray(image.convert("RGB")))
+            for h in range(shown[name]):
+                s = values[i, h].double().numpy()
+                picture, regions = row[1 + 2 * h], row[2 + 2 * h]
+                (drawn,) = picture.images
+                np.testing.assert_allclose(drawn.get_array(), softmax(s).reshape(grid), rtol=1e-5)
+                assert (drawn.get_cmap().name, drawn.get_interpolation()) == ("inferno", "nearest")
+                entropy = reference_entropy(values[i, h][None, None], grid)
+                title = picture.get_title()
+                assert picture.title.get_fontsize() == regions.title.get_fontsize() == 8
+                assert title == f"head {h}: H = {float(title.rsplit(' ', 1)[1]):.3f}"
+                assert float(title.rsplit(" ", 1)[1]) == pytest.approx(entropy, abs=6e-4), (name, i, h)
+                labels = scipy_regions(s, grid)
+                (coloured,) = regions.images
+                np.testing.assert_array_equal(coloured.get_array(), region_colours()[labels])
+                assert coloured.get_interpolation() == "nearest"
+                count = labels.max()
+                assert regions.get_title() == (f"{count} regions > mean" if count != 1 else "1 region > mean")
+            for ax in row[1 + 2 * shown[name] :]:  # a set with fewer heads leaves its last panels empty
+                assert not ax.images and not ax.get_title()
+    assert figure.axes[1].get_title() == "head 0: H = 0.000"  # not "-0.000"
+    assert figure.axes[2].get_title() == "1 region > mean"
+
+
+def test_regions_beyond_twenty_cycle_through_the_twenty_colours(tmp_path, saved_figures):
+    """25 lone patches above the mean (every other row and column of a 9x9 grid): region 21 takes region 1's
+    colour, region 25 region 5's; the background stays black."""
+    high = np.zeros((9, 9))
+    high[::2, ::2] = 1
+    scores = torch.from_numpy(high).reshape(1, 1, 81).float()
+    draw_attention_figure({"lone": (scores, (9, 9))}, [Image.new("RGB", (9, 9))], tmp_path / "many.png")
+    (figure,) = saved_figures
+    labels = scipy_regions(high.reshape(-1), (9, 9))
+    assert labels.max() == 25
+    colours = region_colours()
+    expected = np.where(labels[..., None] > 0, colours[(labels - 1) % 20 + 1], colours[0])
+    np.testing.assert_array_equal(figure.axes[2].images[0].get_array(), expected)
+    assert figure.axes[2].get_title() == "25 regions > mean"
+    assert (expected[0, 0] == expected[8, 0]).all() and (expected[0, 0] != expected[0, 2]).any()  # regions 1 and 21
+
+
+def test_nothing_to_draw_or_no_head_is_a_value_error(tmp_path):
+    scores, image = {"A": (torch.zeros(1, 2, 4), (2, 2))}, [Image.new("RGB", (4, 4))]
+    with pytest.raises(ValueError, match=r"^Pass at least one model \(or set of scores\) and one image\.$"):
+        draw_attention_figure({}, image, tmp_path / "none.png")
+    with pytest.raises(ValueError, match=r"^Pass at least one model \(or set of scores\) and one image\.$"):
+        draw_attention_figure(scores, [], tmp_path / "none.png")
+    for heads in (0, -1):
+        with pytest.raises(ValueError, match=rf"`heads` must be a positive number of heads, got {heads}\."):
+            draw_attention_figure(scores, image, tmp_path / "none.png", heads=heads)
+    with pytest.raises(ValueError, match=r"^Pass at least one image\.$"):
+        save_attention_figure({}, [], None, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+
+
+def entropy_report(heads: int, seed: int = 0) -> dict:
+    """A report as `sar-hf inspect` writes it: layers 0, 2 and 5, asymmetric intervals, and layer 2's
+    bounds of head 0 unknown (None)."""
+    rng = np.random.default_rng(seed)
+    means = rng.uniform(0.5, 2.0, (3, heads))
+    bounds = np.stack([means - rng.uniform(0.05, 0.2, means.shape), means + rng.uniform(0.3, 0.5, means.shape)], -1)
+    layers = []
+    for k, layer in enumerate([0, 2, 5]):
+        ci95 = bounds[k].tolist()
+        if k == 1:
+            ci95[0] = [None, None]
+        layers.append({"layer": layer, "head_entropy_mean": means[k].tolist(), "head_entropy_ci95": ci95})
+    return {"model": "org/tiny-vit", "images": 7, "layers": layers}
+
+
+@pytest.mark.parametrize(("heads", "legend_columns"), [(3, 1), (16, 2)])
+def test_the_entropy_plot_draws_each_heads_means_and_intervals(tmp_path, saved_figures, heads, legend_columns):
+    report = entropy_report(heads)
+    path = sar_hf.visualization.save_entropy_plot(report, str(tmp_path / "plots" / "entropy.png"))
+    (figure,) = saved_figures
+    assert path == tmp_path / "plots" / "entropy.png" and isinstance(path, pathlib.Path)
+    with Image.open(path) as png:
+        assert (png.format, png.size) == ("PNG", (700, 450))
+
+    (ax,) = figure.axes
+    layers = [0, 2, 5]
+    means = np.array([entry["head_entropy_mean"] for entry in report["layers"]])
+    assert len(ax.containers) == heads
+    for h, bars in enumerate(ax.containers):  # one line with error bars per head, in order
+        line, _, (segments,) = bars.lines
+        assert bars.get_label() == f"head {h}"
+        np.testing.assert_array_equal(line.get_xdata(), layers)
+        np.testing.assert_array_equal(line.get_ydata(), means[:, h])
+        for k, segment in enumerate(segments.get_segments()):  # from the lower to the upper bound
+            low, high = report["layers"][k]["head_entropy_ci95"][h]
+            if low is None:
+                assert not len(segment)  # no interval, no bar
+            else:
+                np.testing.assert_allclose(segment, [[layers[k], low], [layers[k], high]])
+    (mean_line,) = [line for line in ax.lines if line.get_label() == "mean over heads"]
+    np.testing.assert_allclose(mean_line.get_ydata(), means.mean(axis=1))
+    np.testing.assert_array_equal(mean_line.get_xdata(), layers)
+    assert (mean_line.get_linestyle(), mean_line.get_color()) == ("--", "k")
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("layer", "spatial entropy of the [CLS] maps (nats)")
+    np.testing.assert_array_equal(ax.get_xticks(), layers)
+    assert ax.get_title() == "org/tiny-vit: 7 images, 95% intervals"
+    legend = ax.get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == [
+        "mean over heads",
+        *(f"head {h}" for h in range(heads)),
+    ]
+    assert legend._ncols == legend_columns
+
+
+def test_cls_attention_of_a_sar_model_is_its_regularised_layers_and_leaves_its_capture(images, processor):
+    """A SAR model's pictures show the layer its loss regularises (here the first, not the last), through
+    the capture of its `sar_loss`, which keeps working afterwards."""
+    torch.manual_seed(0)
+    model = SARViTForImageClassification(SARViTConfig(**TINY, sar_layer=0, initializer_range=0.2)).train()
+    pixel_values = processor(images, return_tensors="pt")["pixel_values"]
+    scores, grid = cls_attention(model, pixel_values)
+    assert model.training and grid == (4, 4) and scores.dtype == torch.float32 and not scores.requires_grad
+
+    eager = ViTForImageClassification(ViTConfig(**TINY, initializer_range=0.2, attn_implementation="eager")).eval()
+    eager.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        attentions = eager(pixel_values, output_attentions=True).attentions
+    first, last = (attentions[layer][:, :, 0, 1:].log() for layer in (0, -1))
+    torch.testing.assert_close(
+        scores - scores.mean(-1, keepdim=True), first - first.mean(-1, keepdim=True), atol=1e-5, rtol=0
+    )
+    assert not torch.allclose(scores - scores.mean(-1, keepdim=True), last - last.mean(-1, keepdim=True), atol=1e-2)
+
+    labels = torch.tensor([0, 1])
+    out = model.eval()(pixel_values, labels=labels)  # the loss still reads the first layer's scores
+    torch.testing.assert_close(out.spatial_entropy, spatial_entropy(first, grid), atol=1e-5, rtol=0)
+
+
+def test_cls_attention_of_a_plain_model_takes_its_capture_away_again(images, processor):
+    """The capture attached for one call is removed, also when the forward pass fails, so the next call (or
+    a `sar_loss` of the user's) can capture the layer again."""
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(**TINY))
+    pixel_values = processor(images, return_tensors="pt")["pixel_values"]
+    first, _ = cls_attention(model, pixel_values)
+    second, _ = cls_attention(model, pixel_values)
+    torch.testing.assert_close(first, second)
+    with pytest.raises(ValueError, match="do not tile"):
+        cls_attention(model, pixel_values[..., :15])
+    sar_hf.CLSScoreCapture(model).remove()  # the last layer is free again
+    assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_cls_attention_moves_the_images_to_the_models_device(images, processor):
+    # A model on a GPU takes the processor's CPU tensors; the meta device (shapes, no values) stands in.
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(**TINY)).to("meta")
+    scores, grid = cls_attention(model, processor(images, return_tensors="pt")["pixel_values"])
+    assert (scores.device.type, scores.shape, scores.dtype, grid) == ("meta", (2, 2, 16), torch.float32, (4, 4))
+
+
+def test_greyscale_and_transparent_images_are_taken_as_rgb(models, processor, tmp_path, saved_figures):
+    rng = np.random.default_rng(2)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (20, 24), dtype=np.uint8)),  # "L"
+        Image.fromarray(rng.integers(0, 256, (20, 24, 4), dtype=np.uint8)),  # "RGBA"
+    ]
+    save_attention_figure({"SAR": models["SAR"]}, images, processor, tmp_path / "modes.png")
+    (figure,) = saved_figures
+    rgb = processor([image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
+    scores, grid = cls_attention(models["SAR"], rgb)
+    for i in range(2):
+        for h in range(2):
+            drawn = figure.axes[i * 5 + 1 + 2 * h].images[0].get_array()
+            np.testing.assert_allclose(drawn, softmax(scores[i, h].double().numpy()).reshape(grid), rtol=1e-5)
