@@ -339,10 +339,11 @@ def test_bad_images_are_named_or_skipped_and_counted(image_files):
     assert find_bad_images(dataset["train"], "image") == []
 
 
-def test_every_split_is_checked_and_the_message_lists_five_bad_images(tmp_path):
+@pytest.mark.parametrize("count, more", [(5, ""), (6, " and 1 more"), (7, " and 2 more")])
+def test_every_split_is_checked_and_the_message_lists_five_bad_images(tmp_path, caplog, count, more):
     """A clean split does not stop the check of the next; the error lists the first five files and counts the rest."""
     garbage = []
-    for i in range(7):
+    for i in range(count):
         garbage.append(tmp_path / f"bad{i}.png")
         garbage[-1].write_bytes(b"not an image")
     features = Features({"image": Image()})
@@ -352,7 +353,13 @@ def test_every_split_is_checked_and_the_message_lists_five_bad_images(tmp_path):
         drop_bad_images(DatasetDict({"train": clean, "validation": bad}), "image")
     reasons = [reason for _, _, reason in find_bad_images(bad, "image")]
     listing = "; ".join(f"{path} ({reason})" for path, reason in zip(garbage[:5], reasons, strict=False))
-    assert str(error.value).startswith(f"7 image(s) of the 'validation' split cannot be read: {listing} and 2 more. ")
+    assert str(error.value).startswith(f"{count} image(s) of the 'validation' split cannot be read: {listing}{more}. ")
+    caplog.set_level(logging.WARNING, logger="sar_hf.data.checks")
+    dataset = DatasetDict({"train": clean, "validation": bad})
+    assert drop_bad_images(dataset, "image", skip=True) == {"train": 0, "validation": count}
+    assert len(dataset["validation"]) == 0
+    warned = [record.getMessage() for record in caplog.records if record.name == "sar_hf.data.checks"]
+    assert warned == [f"Skipping {count} unreadable image(s) of the 'validation' split: {listing}{more}"]
 
 
 def test_good_images_in_memory_are_not_bad():
