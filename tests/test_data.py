@@ -1,5 +1,6 @@
 """sar_hf.data: the bundled digits, loading, the data checks, the transforms, and the training script's use of them."""
 
+import inspect
 import logging
 import math
 import os
@@ -547,10 +548,11 @@ def test_to_rgb_takes_the_numpy_path_or_an_older_releases_conversion(monkeypatch
     warns); with an older release, whose `convert_to_rgb` has no such argument, it converts as that release does."""
     from transformers import image_transforms
 
-    warned = []
-    monkeypatch.setattr(image_transforms.logger, "warning_once", lambda *args, **kwargs: warned.append(args))
     rgba = PILImage.new("RGBA", (3, 2), (10, 20, 30, 0))  # fully transparent
-    assert np.asarray(to_rgb(rgba)).tolist() == [[[255, 255, 255]] * 3] * 2 and warned == []  # composited on white
+    if "return_numpy" in inspect.signature(image_transforms.convert_to_rgb).parameters:  # compositing (not 5.9)
+        warned = []
+        monkeypatch.setattr(image_transforms.logger, "warning_once", lambda *args, **kwargs: warned.append(args))
+        assert np.asarray(to_rgb(rgba)).tolist() == [[[255, 255, 255]] * 3] * 2 and warned == []  # on white
 
     def convert_to_rgb(image):  # the older releases (5.9): the alpha channel is dropped
         return image.convert("RGB")
@@ -682,7 +684,10 @@ def test_load_image_processor_reads_a_saved_processor_with_or_without_the_auto_c
     def refuse(*args, **kwargs):
         raise ImportError("this processor needs torchvision")
 
-    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", refuse)
+    try:
+        monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", refuse)
+    except ImportError:  # releases (5.9) whose Auto class without torchvision is a placeholder that already refuses
+        pass
     fallback = load_image_processor(str(tmp_path), do_normalize=False)
     assert type(fallback) is vit_image_processor_class()
     check(fallback)
