@@ -14,6 +14,7 @@ from .checks import (
     check_image_folder,
     drop_bad_images,
     find_bad_images,
+    holds_image_files,
     prepare_labels,
 )
 from .cluttered_digits import load_cluttered_digits_dataset
@@ -41,6 +42,7 @@ __all__ = [
     "digits_features",
     "drop_bad_images",
     "find_bad_images",
+    "holds_image_files",
     "load_cluttered_digits_dataset",
     "load_digits_arrays",
     "load_digits_dataset",

@@ -16,17 +16,20 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
 
+def holds_image_files(path: str) -> bool:
+    """Whether the folder `path` or one of its subfolders holds an image file (it stops at the first)."""
+    return any(name.lower().endswith(IMAGE_EXTENSIONS) for _, _, files in os.walk(path) for name in files)
+
+
 def check_image_folder(path: str, what: str = "--train_dir") -> None:
     """Raises a `ValueError` unless `path` is a folder holding at least one image file."""
     if not os.path.isdir(path):
         raise ValueError(f"{what} {path!r} is not a folder.")
-    for _, _, files in os.walk(path):
-        if any(name.lower().endswith(IMAGE_EXTENSIONS) for name in files):
-            return
-    raise ValueError(
-        f"{what} {path!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); expected one subfolder "
-        f"per class, e.g. {os.path.join(path, 'cat', '0001.png')}."
-    )
+    if not holds_image_files(path):
+        raise ValueError(
+            f"{what} {path!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); expected one subfolder "
+            f"per class, e.g. {os.path.join(path, 'cat', '0001.png')}."
+        )
 
 
 def check_columns(dataset, image_column: str, label_column: str | None = None) -> None:
@@ -180,5 +183,6 @@ __all__ = [
     "check_image_folder",
     "drop_bad_images",
     "find_bad_images",
+    "holds_image_files",
     "prepare_labels",
 ]

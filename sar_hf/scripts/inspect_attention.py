@@ -30,8 +30,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageClassification,
 from sar_hf import CLSScoreCapture, connected_components, spatial_entropy
 from sar_hf.data import (
     BUNDLED_DATASETS,
-    IMAGE_EXTENSIONS,
     check_columns,
+    holds_image_files,
     load_image_dataset,
     load_image_processor,
     to_rgb,
@@ -127,8 +127,7 @@ def is_image_folder(path: str) -> bool:
     """
     if path in BUNDLED_DATASETS or not os.path.isdir(path):
         return False
-    files = [name for _, _, names in os.walk(path) for name in names]
-    return not files or any(name.lower().endswith(IMAGE_EXTENSIONS) for name in files)
+    return holds_image_files(path) or not any(names for _, _, names in os.walk(path))
 
 
 def load_images(args: InspectArguments):
