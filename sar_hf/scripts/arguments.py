@@ -295,7 +295,7 @@ Train or fine-tune a ViT-family image classifier with the spatial-entropy regula
 
 With no arguments: the `small` preset (4 layers, 192 wide, 32 px images in 4 px patches) from
 scratch for 30 epochs on scikit-learn's bundled digits, scored on a fixed held-out test split;
-about 2.5 minutes on 2 CPU cores. A checkpoint of model type `vit` (--model_name_or_path; the
+2.5 to 4 minutes on 2 CPU cores. A checkpoint of model type `vit` (--model_name_or_path; the
 non-distilled DeiT checkpoints are among them) trains as SARViTForImageClassification; a DINOv2,
 BEiT or other ViT-family checkpoint keeps its own class, with SpatialEntropyLoss attached. One
 .json argument is read as a file of every argument; a flag given explicitly wins over --recipe,
