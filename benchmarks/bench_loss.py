@@ -96,7 +96,8 @@ def _reference_regions(mask: torch.Tensor, grid_size: tuple[int, int]):
                 regions.append(torch.tensor((labels == k) * 1.0).reshape(-1).long())
     device = mask.device
     stacked = torch.stack(regions) if regions else torch.zeros(0, gh * gw, dtype=torch.long)
-    return torch.tensor(b_idx, device=device), torch.tensor(h_idx, device=device), stacked.to(device)
+    b_idx, h_idx = (torch.tensor(i, dtype=torch.long, device=device) for i in (b_idx, h_idx))  # long even if empty
+    return b_idx, h_idx, stacked.to(device)
 
 
 def _label_one(mask: np.ndarray) -> tuple[int, np.ndarray]:
