@@ -1059,6 +1059,7 @@ def test_main_writes_to_the_results_folder_beside_the_script_by_default(monkeypa
         (["--wait-quiet", "soon"], "argument --wait-quiet: invalid float value: 'soon'"),
         (["--compile", "big"], "argument --compile: a shape is BxHEADSxGHxGW"),
     ],
+    ids=["no-cuda", "device", "shapes", "repeats", "threads", "wait-quiet", "graph-shape"],  # mutmut skips "compile"
 )
 def test_main_refuses_bad_arguments_with_the_reason(monkeypatch, capsys, argv, message):
     Recorder(monkeypatch)
