@@ -400,6 +400,25 @@ def test_a_backward_without_the_term_is_an_error_naming_the_three_ways(name, che
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", ["deit", "sar-vit"])
+def test_the_guard_holds_for_tuple_outputs(name):
+    # `return_dict=False`: the output is a tuple, whose logits are the tensor the guard hooks.
+    model = guarded(name)
+    logits = model(pixel_values=pixels(height=16, width=16), return_dict=False)[0]
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match=rf"never used.*λ = 0.5.*{THREE_WAYS}"):
+        loss.backward()
+
+
+def test_the_guard_hooks_the_output_itself_when_a_model_returns_one_tensor():
+    from sar_hf.capture import _first_grad_tensor
+
+    logits = torch.zeros(2, 3, requires_grad=True)
+    assert _first_grad_tensor(logits) is logits
+    assert _first_grad_tensor((torch.zeros(2), logits)) is logits
+    assert _first_grad_tensor(torch.zeros(2, 3)) is None
+
+
 def test_an_accelerate_loop_without_the_term_is_an_error_and_takes_no_step():
     from accelerate import Accelerator
 

@@ -494,6 +494,12 @@ def test_model_card_tags_schedule_and_settings(tmp_path):
     assert "- `sar_layer`: -1\n" in card and "- `sar_no_skip_no_norm`: False\n" in card
 
 
+def test_model_card_names_a_named_schedule(tmp_path):
+    trainer = SARTrainer(model=make_model(), args=make_args(tmp_path), callbacks=[SARCallback(schedule="constant")])
+    trainer.create_model_card(model_name="tiny-sar")
+    assert "- λ schedule: constant\n" in (tmp_path / "README.md").read_text()
+
+
 def test_model_card_is_written_by_the_main_process_only(tmp_path, monkeypatch):
     trainer = SARTrainer(make_model(), make_args(tmp_path))  # Trainer's positional arguments
     monkeypatch.setattr(trainer, "is_world_process_zero", lambda: False)
