@@ -447,10 +447,17 @@ def test_a_step_puts_its_model_and_batch_on_the_device_it_was_given():
     assert step.labels.device.type == "meta" and step.labels.shape == (3,)
 
 
-def test_a_bf16_step_runs_under_autocast_on_its_device():
-    step = bench_step.Step("plain", TINY_SPEC, bench_step.reference_state(TINY_SPEC, 0), tiny_args("--bf16"))
+def test_a_bf16_step_runs_under_bfloat16_autocast_on_its_device(monkeypatch):
+    """`--bf16` asks autocast for bfloat16 by name: autocast's own default is bfloat16 on the CPU but
+    float16 on CUDA, so a GPU run that relied on it would time float16 and call it bf16."""
+    state = bench_step.reference_state(TINY_SPEC, 0)
+    step = bench_step.Step("plain", TINY_SPEC, state, tiny_args("--bf16"))
     assert isinstance(step.autocast, torch.autocast)
     assert (step.autocast.device, step.autocast.fast_dtype) == ("cpu", torch.bfloat16)
+    requested = []
+    monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: requested.append((args, kwargs)))
+    bench_step.Step("plain", TINY_SPEC, state, tiny_args("--bf16"))
+    assert requested == [(("cpu",), {"dtype": torch.bfloat16})]
 
 
 def test_a_step_waits_for_its_gpu_and_never_for_the_cpu(monkeypatch):
