@@ -128,6 +128,65 @@ def test_the_digit_lands_anywhere_or_within_max_offset_of_the_centre():
         assert tops == set(expected) and lefts == set(expected), (canvas_size, max_offset)
 
 
+def test_a_piece_lands_on_every_position_clear_of_the_digit():
+    """Uniform rejection sampling: over many canvases a piece lands on every position clear of the
+    digit's grown box (above or below it in its columns, beside it in its rows, in the corners) and
+    on no other; the digit sits at the centre (`max_offset=0`), and the piece's corner is marked."""
+    rng = np.random.default_rng(0)
+    canvas_size, side, size = 14, 4, 3
+    digit, piece = np.full((side, side), 1, np.uint8), np.full((size, size), 2, np.uint8)
+    piece[0, 0] = 3
+    top = left = (canvas_size - side) // 2
+    allowed = {
+        (y, x)
+        for y in range(canvas_size - size + 1)
+        for x in range(canvas_size - size + 1)
+        if y + size < top or y > top + side or x + size < left or x > left + side
+    }
+    seen = set()
+    for _ in range(3000):
+        image, _ = compose_canvas(digit, [piece], canvas_size, rng, max_offset=0)
+        seen.add(tuple(int(i) for i in np.argwhere(image == 3)[0]))
+    assert seen == allowed
+
+
+def test_a_fragment_is_cut_anywhere_in_the_digit():
+    """An inky digit stops the search at the first try, so the crop's place is uniform: every offset
+    from 0 to `s - size` is drawn along each axis (pixel values mark the place)."""
+    from sar_hf.data.cluttered_digits import cut_fragment
+
+    s, size = 8, 3
+    digit = (np.arange(s * s).reshape(s, s) + 1).astype(np.uint8)
+    places = set()
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        crop = cut_fragment(digit, size, rng)
+        places.add(divmod(int(crop[0, 0]) - 1, s))
+    assert places == {(y, x) for y in range(s - size + 1) for x in range(s - size + 1)}
+
+
+def test_a_fragment_is_the_inkiest_of_ten_tries():
+    """A digit with one ink pixel: a seed whose first ten crops all miss it and whose eleventh holds
+    it (found with numpy alone) gives a blank crop; one whose tenth holds it gives that crop."""
+    from sar_hf.data.cluttered_digits import cut_fragment
+
+    s, size = 8, 2
+    digit = np.zeros((s, s), np.uint8)
+    digit[5, 2] = 90
+
+    def first_hit(seed):
+        rng = np.random.default_rng(seed)
+        for attempt in range(1, 12):
+            y, x = rng.integers(0, s - size + 1, size=2)
+            if y <= 5 < y + size and x <= 2 < x + size:
+                return attempt
+        return None
+
+    seeds = {hit: next(seed for seed in range(10_000) if first_hit(seed) == hit) for hit in (10, 11)}
+    assert cut_fragment(digit, size, np.random.default_rng(seeds[10])).max() == 90
+    assert cut_fragment(digit, size, np.random.default_rng(seeds[11])).max() == 0
+
+
 def test_enlarge_scales_each_side_as_pil_does():
     """`[N, h, w]` -> `[N, h * scale, w * scale]`, each image resized bilinearly by PIL, also when not square."""
     from PIL import Image
