@@ -260,6 +260,24 @@ def test_a_run_that_ends_in_the_warmup_is_warned_about_with_the_share_of_the_pea
     assert "never reaches its peak" not in caplog.text
 
 
+@pytest.mark.parametrize("epochs", [1, 0.5])
+def test_a_one_step_run_is_warned_about_and_a_run_of_no_steps_is_not(model, args, caplog, epochs):
+    # One step at e = 0 of a warm-up: λ = 0 on the only step, and the run ends in the warm-up.
+    with caplog.at_level("WARNING"):
+        SARCallback(sar_weight=PEAK).on_train_begin(
+            args, state_at(0, max_steps=1, epochs=epochs), TrainerControl(), model=model
+        )
+    assert "leaves λ at 0 on 1 of the 1 steps and never reaches its peak" in caplog.text
+    assert "with λ at most 0 (0% of the peak)" in caplog.text
+    # `num_train_epochs=0`: Trainer starts a run of no steps, which has no schedule to warn about.
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        SARCallback(sar_weight=PEAK).on_train_begin(
+            args, state_at(0, max_steps=0, epochs=0), TrainerControl(), model=model
+        )
+    assert caplog.text == ""
+
+
 def test_a_bad_weight_set_on_the_config_after_building_is_a_value_error_at_train_begin(args):
     torch.manual_seed(0)
     model = SARViTForImageClassification(SARViTConfig(**TINY, sar_weight=PEAK))
