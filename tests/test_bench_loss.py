@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import re
 import types
 import warnings
 
@@ -19,6 +20,7 @@ import pytest
 import scipy
 import scipy.ndimage
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sar_hf
 from benchmarks import bench_loss
@@ -99,7 +101,7 @@ def test_the_reference_of_maps_without_any_region_is_zero():
 
 def test_the_reference_refuses_a_loss_that_is_not_finite():
     scores = torch.tensor([3e38, -3e38, -3e38, -3e38]).reshape(1, 1, 4)  # relu(s - m) overflows to inf
-    with pytest.raises(FloatingPointError, match="not finite"):
+    with pytest.raises(FloatingPointError, match="^the reference loss is not finite$"):
         bench_loss.reference_spatial_entropy(scores, (2, 2))
 
 
@@ -184,7 +186,9 @@ def blurred(shape, seed):
     return torch.from_numpy(out).float().reshape(b, h, gh * gw)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 16, 16), (1, 2, 12, 20), (1, 1, 4, 6), (2, 1, 32, 24)])
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 16, 16), (1, 2, 12, 20), (1, 1, 4, 6), (2, 1, 32, 24), (1, 2, 2, 6), (1, 2, 6, 2)]
+)
 def test_smooth_scores_are_the_noise_blurred_by_a_gaussian_of_an_eighth_of_the_side(shape):
     got = bench_loss.make_scores(shape, True, "cpu", seed=5)
     torch.testing.assert_close(got, blurred(shape, 5), rtol=0, atol=2e-6)
@@ -320,6 +324,8 @@ def test_an_unreadable_or_unchanged_proc_stat_reads_as_idle_or_zero(monkeypatch)
     assert bench_loss.cpu_idle_fraction() == 1.0
     monkeypatch.setattr(bench_loss, "Path", FakeStat(["cpu 1 2 3 4 5\n", "cpu 1 2 3 4 5\n"]))
     assert bench_loss.cpu_idle_fraction() == 0.0  # no time passed: no division by zero
+    monkeypatch.setattr(bench_loss, "Path", FakeStat(["cpu 1 2 3 4 5\n", "cpu 1 2 3 5 5\n"]))
+    assert bench_loss.cpu_idle_fraction() == 1.0  # one tick, idle
 
 
 def test_waiting_for_quiet_stops_when_idle_enough_or_at_the_deadline(monkeypatch):
@@ -534,6 +540,31 @@ def test_one_forward_backward_step_gives_the_gradient_of_the_loss():
     assert step()[0].tolist() == grad.tolist()
 
 
+class AtenOps(TorchDispatchMode):
+    """Records the ATen operators run inside it (what a profiler would count as kernels on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_steps_gradient_seed_is_made_beforehand_so_its_fill_is_not_counted():
+    scores = torch.tensor([[[1.0, -2.0, 3.0]]])
+    step = bench_loss._forward_backward(lambda s: (s**2).sum(), scores)
+    with AtenOps() as inside:
+        step()
+    leaf = scores.clone().requires_grad_()
+    with AtenOps() as implicit:  # what autograd runs when it makes the seed itself
+        torch.autograd.grad((leaf**2).sum(), leaf)
+    assert "aten.ones_like" in implicit.ops
+    assert not {"aten.ones_like", "aten.ones", "aten.fill_", "aten.full"} & set(inside.ops)
+    assert len(inside.ops) == len(implicit.ops) - 1
+
+
 def test_launch_counts_need_a_profiler_that_counts_one_kernel_for_x_plus_1(monkeypatch):
     counts = []
 
@@ -551,7 +582,8 @@ def test_launch_counts_need_a_profiler_that_counts_one_kernel_for_x_plus_1(monke
     assert counts[1][0].tolist() == [[[3.0, 3.0]]]  # then one forward + backward of fn
     for wrong in (0, 2):
         answers = [wrong, 37]
-        with pytest.raises(RuntimeError, match=f"counted {wrong} GPU events"):
+        message = f"^torch.profiler counted {wrong} GPU events for one `x \\+ 1`; launch counts unusable$"
+        with pytest.raises(RuntimeError, match=message):
             bench_loss.count_kernel_launches(fn, scores)
 
 
@@ -852,10 +884,20 @@ def results(**changes):
     return out
 
 
+def assert_blocks_are_set_apart(lines):
+    """Markdown renders headings, tables, lists and paragraphs apart only with a blank line between them."""
+    kind = ["blank" if not x else "heading" if x.startswith("#") else "table" if x.startswith("|") else "list"
+            if x.startswith("- ") else "text" for x in lines]  # fmt: skip
+    for before, after in zip(kind[:-1], kind[1:], strict=True):
+        assert "blank" in (before, after) or before == after in ("table", "list"), (before, after)
+    assert "heading" not in kind[-2:] and kind[-1] == "blank"
+
+
 def test_the_report_lists_every_row_in_its_tables_and_sections():
     r = results()
     md = bench_loss.to_markdown(r)
     lines = md.split("\n")
+    assert_blocks_are_set_apart(lines)
     assert lines[0] == "# `spatial_entropy` forward + backward, cpu" and md.endswith(".\n")
     assert lines[2] == (
         "Machine: Xeon Fake, 2 cores (1 torch thread). Python 3.11.7, torch 2.13.0, scipy 1.17.1, numpy 2.1.0. "
@@ -904,6 +946,7 @@ def test_the_report_of_a_gpu_run_with_graph_variants_and_no_sweep():
     r = results(device="cuda", machine=machine(threads=4, gpu=True), sweep=[], compiled=graphs, shapes=shapes)
     md = bench_loss.to_markdown(r)
     lines = md.split("\n")
+    assert_blocks_are_set_apart(lines)
     assert lines[0] == "# `spatial_entropy` forward + backward, cuda"
     assert lines[2].startswith("Machine: Xeon Fake, 2 cores (4 torch threads), H200 (CUDA 12.8). Python 3.11.7,")
     assert not any(line.startswith("## Grid side sweep") for line in lines)
@@ -926,7 +969,8 @@ def test_a_shape_is_four_numbers_joined_by_x():
     assert bench_loss._shape("2X3X4X5") == (2, 3, 4, 5)
     for bad in ("64x6x14", "64x6x14x14x1", "axbxcxd", "64,6,14,14"):
         with pytest.raises(
-            argparse.ArgumentTypeError, match=f"a shape is BxHEADSxGHxGW, e.g. 64x6x14x14; got {bad!r}"
+            argparse.ArgumentTypeError,
+            match=f"^a shape is BxHEADSxGHxGW, e.g. 64x6x14x14; got {re.escape(repr(bad))}$",
         ):
             bench_loss._shape(bad)
 
@@ -1053,11 +1097,11 @@ def test_main_writes_to_the_results_folder_beside_the_script_by_default(monkeypa
     [
         (["--device", "cuda"], "--device cuda: no CUDA device is available"),
         (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
-        (["--shapes", "1x2x3"], "argument --shapes: a shape is BxHEADSxGHxGW"),
+        (["--shapes", "1x2x3"], "argument --shapes: a shape is BxHEADSxGHxGW, e.g. 64x6x14x14; got '1x2x3'"),
         (["--repeats", "two"], "argument --repeats: invalid int value: 'two'"),
         (["--threads", "1.5"], "argument --threads: invalid int value: '1.5'"),
         (["--wait-quiet", "soon"], "argument --wait-quiet: invalid float value: 'soon'"),
-        (["--compile", "big"], "argument --compile: a shape is BxHEADSxGHxGW"),
+        (["--compile", "big"], "argument --compile: a shape is BxHEADSxGHxGW, e.g. 64x6x14x14; got 'big'"),
     ],
     ids=["no-cuda", "device", "shapes", "repeats", "threads", "wait-quiet", "graph-shape"],  # mutmut skips "compile"
 )
@@ -1066,7 +1110,10 @@ def test_main_refuses_bad_arguments_with_the_reason(monkeypatch, capsys, argv, m
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as exit_:
         bench_loss.main(argv)
-    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and f"error: {message}" in err
+    if "invalid" not in message:  # our own messages, whole
+        assert err.endswith(f"error: {message}")
 
 
 def test_main_refuses_cpu_time_on_cuda(monkeypatch, capsys):
@@ -1074,7 +1121,7 @@ def test_main_refuses_cpu_time_on_cuda(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(SystemExit):
         bench_loss.main(["--device", "cuda", "--cpu-time"])
-    assert "--cpu-time: CPU only" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip().endswith("error: --cpu-time: CPU only")
 
 
 def test_main_help_opens_with_the_scripts_summary_and_explains_each_option(monkeypatch, capsys):
@@ -1083,6 +1130,9 @@ def test_main_help_opens_with_the_scripts_summary_and_explains_each_option(monke
         bench_loss.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "Forward + backward time of `sar_hf.spatial_entropy` against the structure of the authors' release." in text
+    assert (
+        "The reference, `reference_spatial_entropy`" not in text and "Usage:" not in text
+    )  # its first paragraph only
     for option, words in [
         ("--device {cpu,cuda}", ""),
         ("--repeats REPEATS", "timed runs per row (median reported)"),
