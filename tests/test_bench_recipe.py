@@ -250,7 +250,7 @@ def test_the_published_cpu_report_is_what_main_writes_from_its_recorded_runs(tmp
     bench_recipe.main(published["command"].split()[1:])
     stem = tmp_path / "benchmarks" / "results" / f"bench_recipe_{published['device']}"
     assert next(runs, None) is None
-    assert json.loads(stem.with_suffix(".json").read_text()) == published
+    assert stem.with_suffix(".json").read_text() == (ROOT / "benchmarks/results/bench_recipe_cpu.json").read_text()
     assert stem.with_suffix(".md").read_text() == (ROOT / "benchmarks/results/bench_recipe_cpu.md").read_text()
     # The estimate from the published component medians, by hand.
     ms = published["components"]["median_ms"]
@@ -396,7 +396,7 @@ class FakePieces:
     def __init__(self, monkeypatch, device):
         self.log, self.now, self.pending, self.device = [], 0.0, 0.0, device
         self.durations = {name: list(ms) for name, ms in DURATIONS_MS.items()}
-        self.images = [f"digit {i}" for i in range(20)]
+        self.images = [f"digit {i}" for i in range(100)]
         pieces = self
 
         class Tensor:
@@ -606,10 +606,12 @@ def test_the_components_are_the_training_scripts_own_pieces_for_the_digits_defau
 
 
 class FakeBench:
-    """`run_once`, `component_costs` and `machine` replaced: each run's figures follow from its index."""
+    """`run_once`, `component_costs` and `machine` replaced: each run's figures follow from its index. The
+    repository's root is moved to `root`, so that nothing (not even a bug) writes the published results."""
 
-    def __init__(self, monkeypatch):
-        self.calls, self.component_calls = [], []
+    def __init__(self, monkeypatch, root):
+        self.calls, self.component_calls, self.root = [], [], root
+        monkeypatch.setattr(bench_recipe, "ROOT", root)
         self.machine = {"platform": "Linux-test", "processor": "", "cpu_count": 2, "torch_threads": 2,
                         "versions": {"python": "3.11.7"}}  # fmt: skip
         self.components = {"batch_size": 64, "rounds": 7, "median_ms": dict.fromkeys(PIECES, 1.0),
@@ -634,7 +636,7 @@ def test_main_alternates_the_order_pair_by_pair_and_writes_one_report_twice(tmp_
     of one temporary folder, removed at the end; the arguments after `--` go to every run. The JSON holds
     the command, settings, machine, runs in the order they ran, their summary and the components; the
     `.md` is that report's markdown; both are printed, each run as it ends."""
-    fake = FakeBench(monkeypatch)
+    fake = FakeBench(monkeypatch, tmp_path / "root")
     stem = tmp_path / "new" / "bench"
     argv = ["--device", "cpu", "--pairs", "3", "--component_rounds", "7", "--output", str(stem), "--", "--seed", "3"]
     before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
@@ -664,27 +666,28 @@ def test_main_alternates_the_order_pair_by_pair_and_writes_one_report_twice(tmp_
     }
     assert json.loads(stem.with_suffix(".json").read_text()) == report
     assert stem.with_suffix(".json").read_text().endswith("}\n")
+    assert not fake.root.exists()  # with --output, nothing under the repository's results
     assert stem.with_suffix(".md").read_text() == bench_recipe.markdown(report)
     printed = capsys.readouterr().out
     assert printed == "".join(json.dumps(run) + "\n" for run in runs) + bench_recipe.markdown(report) + "\n"
 
 
 def test_main_without_pairs_or_components_writes_the_header_alone(tmp_path, monkeypatch):
-    fake = FakeBench(monkeypatch)
+    fake = FakeBench(monkeypatch, tmp_path / "root")
     stem = tmp_path / "bench"
     report = bench_recipe.main(["--device", "cpu", "--pairs", "0", "--component_rounds", "0", "--output", str(stem)])
     assert fake.calls == [] and fake.component_calls == []
     assert (report["runs"], report["summary"], report["components"], report["extra"]) == ([], None, None, [])
     assert stem.with_suffix(".md").read_text() == bench_recipe.markdown(report)
     assert "| variant |" not in stem.with_suffix(".md").read_text()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bench.json", "bench.md"]
 
 
 @pytest.mark.parametrize("gpu", [False, True])
 def test_main_defaults_to_two_pairs_50_rounds_the_gpu_if_any_and_the_results_folder(tmp_path, monkeypatch, gpu):
     """The command line as in sys.argv; the results under `benchmarks/results/bench_recipe_<device>`."""
-    fake = FakeBench(monkeypatch)
+    fake = FakeBench(monkeypatch, tmp_path / "root")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
-    monkeypatch.setattr(bench_recipe, "ROOT", tmp_path)
     monkeypatch.setattr(sys, "argv", ["bench_recipe.py"])
     report = bench_recipe.main()
     device = "cuda" if gpu else "cpu"
@@ -692,23 +695,25 @@ def test_main_defaults_to_two_pairs_50_rounds_the_gpu_if_any_and_the_results_fol
     assert [call[:2] for call in fake.calls] == [("plain", device), ("recipe", device), ("recipe", device),
                                                  ("plain", device)]  # fmt: skip
     assert fake.component_calls == [(device, 50)]
-    stem = tmp_path / "benchmarks" / "results" / f"bench_recipe_{device}"
+    stem = tmp_path / "root" / "benchmarks" / "results" / f"bench_recipe_{device}"
     assert json.loads(stem.with_suffix(".json").read_text()) == report
     assert stem.with_suffix(".md").read_text() == bench_recipe.markdown(report)
 
 
 def test_main_refuses_a_gpu_that_torch_does_not_see_before_running_anything(tmp_path, monkeypatch):
-    fake = FakeBench(monkeypatch)
+    fake = FakeBench(monkeypatch, tmp_path / "root")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="--device cuda: no GPU is visible to torch"):
+    with pytest.raises(ValueError, match=r"^--device cuda: no GPU is visible to torch\.$"):
         bench_recipe.main(["--device", "cuda", "--output", str(tmp_path / "bench")])
     assert fake.calls == [] and list(tmp_path.iterdir()) == []
 
 
 def test_main_reads_its_options_as_numbers_and_knows_only_its_devices(tmp_path, monkeypatch, capsys):
-    fake = FakeBench(monkeypatch)
-    report = bench_recipe.main(["--device", "cpu", "--pairs", "1", "--component_rounds", "3", "--output",
-                                str(tmp_path / "bench")])  # fmt: skip
+    fake = FakeBench(monkeypatch, tmp_path / "root")
+    monkeypatch.setattr(sys, "argv", ["bench_recipe.py", "--device", "cpu", "--pairs", "1", "--component_rounds", "3",
+                                      "--output", str(tmp_path / "bench")])  # fmt: skip
+    report = bench_recipe.main()
+    assert report["command"] == " ".join(sys.argv)
     assert report["pairs"] == 1 and len(fake.calls) == 2 and fake.component_calls == [("cpu", 3)]
     with pytest.raises(SystemExit):
         bench_recipe.main(["--device", "tpu"])
@@ -717,10 +722,12 @@ def test_main_reads_its_options_as_numbers_and_knows_only_its_devices(tmp_path, 
         bench_recipe.main(["--pairs", "two"])
     help_text = _help(capsys)
     assert help_text.startswith("usage: ")
-    assert "The wall time of `run_sar.py --recipe deit` against the same run without it." in help_text
-    assert "Pairs of runs (plain and recipe)." in help_text
-    assert "Rounds of the per-batch component timings (0: none)." in help_text
-    assert "Result stem (default: benchmarks/results/bench_recipe_<device>)." in help_text
+    # The docstring's first paragraph, alone, then each option's own words.
+    assert "] The wall time of `run_sar.py --recipe deit` against the same run without it. options: -h" in help_text
+    assert (
+        "--pairs PAIRS Pairs of runs (plain and recipe). --component_rounds COMPONENT_ROUNDS Rounds of the per-batch "
+        "component timings (0: none). --output OUTPUT Result stem (default: benchmarks/results/bench_recipe_<device>)."
+    ) in help_text
 
 
 def _help(capsys):
@@ -728,3 +735,45 @@ def _help(capsys):
     with pytest.raises(SystemExit):
         bench_recipe.main(["--help"])
     return " ".join(capsys.readouterr().out.split())
+
+
+def test_main_prints_each_run_as_soon_as_it_ends(tmp_path, monkeypatch):
+    """Runs take minutes: each run's line is flushed before the next run starts, so that a terminal or a
+    log it is piped to shows it then, not when the buffer fills."""
+
+    class Stream:
+        def __init__(self):
+            self.pending, self.flushed = "", ""
+
+        def write(self, text):
+            self.pending += text
+            return len(text)
+
+        def flush(self):
+            self.flushed, self.pending = self.flushed + self.pending, ""
+
+    stream, seen = Stream(), []
+    fake = FakeBench(monkeypatch, tmp_path / "root")
+    run_once = fake.run_once
+
+    def run_and_look(*args):
+        seen.append(stream.flushed)
+        return run_once(*args)
+
+    monkeypatch.setattr(bench_recipe, "run_once", run_and_look)
+    monkeypatch.setattr(sys, "stdout", stream)
+    report = bench_recipe.main(["--device", "cpu", "--pairs", "2", "--component_rounds", "0", "--output",
+                                str(tmp_path / "bench")])  # fmt: skip
+    lines = [json.dumps(run) + "\n" for run in report["runs"]]
+    assert seen == ["".join(lines[:i]) for i in range(4)]
+
+
+def test_the_components_are_timed_on_a_batch_of_the_training_scripts_default_size(monkeypatch):
+    """As `main` calls it: per batch of 64 digits, the training script's default batch."""
+    from sar_hf.scripts.arguments import TRAINING_DEFAULTS
+
+    fake = FakePieces(monkeypatch, "cpu")
+    costs = bench_recipe.component_costs("cpu", rounds=4)
+    assert costs["batch_size"] == TRAINING_DEFAULTS["per_device_train_batch_size"] == 64
+    assert fake.log[0] == ("plain transform", {"images": fake.images[:64]})
+    assert fake.labels_drawn == (0, 10, (64,), "cpu")
