@@ -697,7 +697,11 @@ def test_the_graph_variants_rows_are_medians_after_their_recording_calls(monkeyp
     per_variant = [7.0, 3.0, 2.0, 0.004, 0.001, 0.002]
     monkeypatch.setattr(bench_loss, "CLOCK", ScriptedClock(per_variant * 4))
     shape = (1, 2, 4, 5)
+    made = []
+    real_make = bench_loss.make_scores
+    monkeypatch.setattr(bench_loss, "make_scores", lambda *args: made.append(args) or real_make(*args))
     rows = bench_loss.bench_compiled(shape, "cpu", repeats=3)
+    assert made == [(shape, False, "cpu"), (shape, True, "cpu")]  # noise, then smooth scores, on the device
     assert [(r["scores"], r["variant"]) for r in rows] == [
         ("noise", "eager"), ("noise", "compile"), ("smooth", "eager"), ("smooth", "compile"),
     ]  # fmt: skip
@@ -1048,16 +1052,13 @@ def test_main_times_the_graph_variants_at_the_default_or_given_shape(monkeypatch
 def test_main_with_cpu_time_switches_the_clock_and_runs_one_thread(monkeypatch, tmp_path):
     runs = Recorder(monkeypatch)
     monkeypatch.setattr(bench_loss, "CLOCK", bench_loss.CLOCK)  # put back after the test
-    threads = torch.get_num_threads()
-    try:
-        got = bench_loss.main(
-            ["--no-sweep", "--no-smooth", "--shapes", "1x1x3x3", "--cpu-time", "--out", str(tmp_path)]
-        )
-        assert bench_loss.CLOCK is bench_loss.time.thread_time and torch.get_num_threads() == 1
-        assert got["clock"] == "thread CPU time"
-        assert "(thread CPU time)" in (tmp_path / "bench_loss_cpu.md").read_text()
-    finally:
-        torch.set_num_threads(threads)
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    args = ["--no-sweep", "--no-smooth", "--shapes", "1x1x3x3", "--cpu-time", "--threads", "4", "--out", str(tmp_path)]
+    got = bench_loss.main(args)
+    assert bench_loss.CLOCK is bench_loss.time.thread_time and set_to == [1]  # one thread, whatever --threads says
+    assert got["clock"] == "thread CPU time"
+    assert "(thread CPU time)" in (tmp_path / "bench_loss_cpu.md").read_text()
     assert len(runs.rows) == 1
 
 
@@ -1142,7 +1143,10 @@ def test_main_help_opens_with_the_scripts_summary_and_explains_each_option(monke
         ("--compile [SHAPE]", "also time torch.compile (CUDA graphs too on CUDA) at SHAPE (default 256x6x14x14)"),
         ("--threads THREADS", "torch intra-op threads (default: torch's)"),
         ("--cpu-time", "time with this thread's CPU time (CPU only; sets one torch thread): robust to other jobs"),
-        ("--wait-quiet WAIT_QUIET", "before each row, wait up to this many seconds for other processes"),
+        (
+            "--wait-quiet WAIT_QUIET",
+            "before each row, wait up to this many seconds for other processes to leave the CPUs idle",
+        ),
         ("--out OUT", "results folder"),
     ]:
         assert f"{option} {words}".strip() in text, option
