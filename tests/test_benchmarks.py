@@ -759,12 +759,13 @@ def test_the_memory_worker_on_a_gpu_reports_the_allocators_peak_of_the_measured_
     assert log == ["step", "step", "sync", ("reset", cuda), ("allocated", cuda), "step", "sync", ("peak", cuda)]
 
 
-def test_measure_memory_runs_each_worker_on_the_reference_weights_and_reads_its_last_line(monkeypatch):
+def test_measure_memory_runs_each_worker_on_the_reference_weights_and_reads_its_last_line(tmp_path, monkeypatch):
     """Real subprocesses, in the order of the variants, standing in for the workers: each gets the spec
-    with the reference weights (`--seed`'s) in a file, the environment with glibc's malloc thresholds
-    fixed (and the rest of the caller's), and its last line of output is its result."""
+    with the reference weights (`--seed`'s) in a file of a temporary folder (gone afterwards: nothing
+    is left in the working folder), the environment with glibc's malloc thresholds fixed (and the
+    rest of the caller's), and its last line of output is its result."""
     args = tiny_args()
-    seen, reference = [], bench_step.reference_state(TINY_SPEC, args.seed)
+    seen, files, reference = [], set(), bench_step.reference_state(TINY_SPEC, args.seed)
     code = (
         "import json, os, sys; print('building the model'); print('warming up'); "
         "print(json.dumps({'variant': sys.argv[1], 'mmap': os.environ.get('MALLOC_MMAP_THRESHOLD_'), "
@@ -773,6 +774,7 @@ def test_measure_memory_runs_each_worker_on_the_reference_weights_and_reads_its_
 
     def command(variant, spec_json, args_):
         spec = json.loads(spec_json)
+        files.add(spec["weights"])
         weights = load_file(spec.pop("weights"))
         assert spec == TINY_SPEC and args_ is args and set(weights) == set(reference)
         assert all(torch.equal(weights[k], reference[k]) for k in reference)
@@ -781,7 +783,10 @@ def test_measure_memory_runs_each_worker_on_the_reference_weights_and_reads_its_
 
     monkeypatch.setenv("BENCH_STEP_TEST", "kept")
     monkeypatch.setattr(bench_step, "memory_worker_command", command)
+    monkeypatch.chdir(tmp_path)
     results = bench_step.measure_memory(TINY_SPEC, args)
+    (weights,) = files
+    assert os.path.isabs(weights) and not os.path.exists(weights) and not list(tmp_path.iterdir())
     assert seen == list(bench_step.VARIANTS) == list(results)
     assert results == {v: {"variant": v, "mmap": "131072", "trim": "131072", "kept": "kept"} for v in seen}
 
