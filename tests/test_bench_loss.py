@@ -458,6 +458,14 @@ def test_a_diagonal_only_map_is_one_region_in_a_row(monkeypatch):
     assert row["loss_reference"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_a_rows_regions_leave_out_pixels_at_their_maps_mean(monkeypatch):
+    # mean exactly 1: the centre pixel (= the mean) would join the two 4s into one region
+    at_mean = torch.tensor([[4.0, 0, 0], [0, 1, 0], [0, 0, 4]]).reshape(1, 1, 9)
+    monkeypatch.setattr(bench_loss, "make_scores", lambda shape, smooth, device: at_mean.clone())
+    row = bench_loss.bench_shape((1, 1, 3, 3), False, "cpu", repeats=1)
+    assert row["mean_regions_per_map"] == 2.0 and row["loss_reference"] == pytest.approx(math.log(2), rel=1e-6)
+
+
 def test_the_default_rows_timing_is_the_algorithm_auto_picks(monkeypatch):
     monkeypatch.setattr(bench_loss, "CLOCK", ScriptedClock(script(ROUNDS)))
     asked = []
@@ -481,21 +489,31 @@ def test_the_default_rows_timing_is_the_algorithm_auto_picks(monkeypatch):
 def test_a_row_waits_for_quiet_only_when_asked(monkeypatch):
     waited = []
     monkeypatch.setattr(bench_loss, "wait_for_quiet", lambda seconds: waited.append(seconds) or 0.875)
-    row = bench_loss.bench_shape((1, 1, 3, 3), False, "cpu", repeats=1, max_wait_s=2.5)
-    assert waited == [2.5] and row["cpu_idle_before"] == 0.875
+    row = bench_loss.bench_shape((1, 1, 3, 3), False, "cpu", repeats=1, max_wait_s=0.25)
+    assert waited == [0.25] and row["cpu_idle_before"] == 0.875
     row = bench_loss.bench_shape((1, 1, 3, 3), False, "cpu", repeats=1)
-    assert waited == [2.5] and row["cpu_idle_before"] is None
+    assert waited == [0.25] and row["cpu_idle_before"] is None
 
 
 def test_a_cuda_row_counts_launches_syncs_and_back_to_back_time_of_each_algorithm(monkeypatch):
     # The CUDA columns' wiring, with the GPU parts stood in for: each is asked about its own algorithm's loss.
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    real_make = bench_loss.make_scores
-    monkeypatch.setattr(bench_loss, "make_scores", lambda shape, smooth, device: real_make(shape, smooth, "cpu"))
-    find_spec = bench_loss.importlib.util.find_spec  # Triton's kernels need a GPU: as if it were not installed
-    monkeypatch.setattr(
-        bench_loss.importlib.util, "find_spec", lambda name: None if name == "triton" else find_spec(name)
+    real_make, real_on, real_time_loss, real_time_labels = (
+        bench_loss.make_scores,
+        bench_loss.algorithms_on,
+        bench_loss._time_loss,
+        bench_loss._time_labels,
     )
+    devices = []  # every part of the row is asked to run on CUDA
+
+    def on(record, fn, device_at):
+        return lambda *args: devices.append((record, args[device_at])) or fn(*args[:device_at], "cpu")
+
+    monkeypatch.setattr(bench_loss, "make_scores", on("scores", real_make, 2))
+    monkeypatch.setattr(bench_loss, "_time_loss", on("loss", real_time_loss, 2))
+    monkeypatch.setattr(bench_loss, "_time_labels", on("labels", real_time_labels, 2))
+    # Triton's kernels need a GPU: the CPU algorithms only
+    monkeypatch.setattr(bench_loss, "algorithms_on", on("algorithms", lambda d: real_on(d)[:2], 0))
     shape = (1, 2, 4, 4)
     scores = real_make(shape, False, "cpu")
     real_entropy = sar_hf.spatial_entropy
@@ -523,6 +541,8 @@ def test_a_cuda_row_counts_launches_syncs_and_back_to_back_time_of_each_algorith
 
     monkeypatch.setattr(bench_loss, "host_syncs", syncs)
     row = bench_loss.bench_shape(shape, False, "cuda", repeats=1)
+    assert {device for _, device in devices} == {"cuda"}
+    assert {record for record, _ in devices} == {"scores", "loss", "labels", "algorithms"}
     for a, (launches, seconds, count) in figures.items():
         one = row["algorithms"][a]
         assert one["kernel_launches"] == launches and one["back_to_back_ms"] == pytest.approx(1e3 * seconds)
@@ -715,8 +735,12 @@ def test_the_graph_variants_rows_are_medians_after_their_recording_calls(monkeyp
 def test_the_graph_variants_on_cuda_add_cuda_graphs_and_compare_to_eager(monkeypatch):
     asked, _ = stand_in_graphs(monkeypatch)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    real_make = bench_loss.make_scores
-    monkeypatch.setattr(bench_loss, "make_scores", lambda shape, smooth, device: real_make(shape, smooth, "cpu"))
+    real_make, real_time_loss = bench_loss.make_scores, bench_loss._time_loss
+    devices = []
+    monkeypatch.setattr(
+        bench_loss, "make_scores", lambda s, smooth, d: devices.append(d) or real_make(s, smooth, "cpu")
+    )
+    monkeypatch.setattr(bench_loss, "_time_loss", lambda fn, s, d: devices.append(d) or real_time_loss(fn, s, "cpu"))
     shift = {"n": 0}
     real_entropy = sar_hf.spatial_entropy
 
@@ -729,6 +753,7 @@ def test_the_graph_variants_on_cuda_add_cuda_graphs_and_compare_to_eager(monkeyp
     assert real_entropy(real_make((1, 2, 5, 5), False, "cpu"), (5, 5)).item() > 0.1
     assert [r["variant"] for r in rows[:3]] == ["eager", "compile", "compile + CUDA graphs"]
     assert asked[:2] == [(True, "default"), (True, "reduce-overhead")]
+    assert set(devices) == {"cuda"} and len(devices) == 2 + 6 * 4  # scores twice; 1 + 2 + 1 timed calls each
     assert rows[0]["loss_rel_diff"] == pytest.approx(0.01, rel=1e-4)
 
 
