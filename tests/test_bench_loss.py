@@ -259,6 +259,19 @@ def test_timing_the_labels_runs_the_algorithm_asked_with_8_connectivity(monkeypa
     assert seen == [((8,), {"algorithm": "propagation"})]
 
 
+def test_cuda_timings_wait_for_the_gpu_before_each_clock_reading(monkeypatch):
+    log = []
+    clock = ScriptedClock([0.5, 0.25])
+    monkeypatch.setattr(bench_loss, "CLOCK", lambda: log.append("clock") or clock())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: log.append("sync"))
+    monkeypatch.setattr(sar_hf, "connected_components", lambda *args, **kwargs: log.append("labels"))
+    assert bench_loss._time_labels(torch.zeros(1, 2, 2, dtype=torch.bool), "scipy", "cuda") == 0.5
+    assert log == ["sync", "clock", "labels", "sync", "clock"]
+    log.clear()
+    seconds, _ = bench_loss._time_loss(lambda s: log.append("loss") or s.sum(), torch.ones(1, 1, 2), "cuda")
+    assert seconds == 0.25 and log == ["sync", "clock", "loss", "sync", "clock"]
+
+
 def test_timing_the_reference_labels_labels_every_map_once(monkeypatch):
     monkeypatch.setattr(bench_loss, "CLOCK", ScriptedClock([0.125]))
     seen = []
