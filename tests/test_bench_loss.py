@@ -131,6 +131,15 @@ def test_no_region_gives_empty_index_tensors_of_the_right_kind():
     assert regions.shape == (0, 6) and regions.dtype == torch.long
 
 
+def test_the_reference_regions_are_made_on_the_masks_device():
+    # A mask on another device (here `meta`, standing in for CUDA): labelled on the host, sent back.
+    host = torch.tensor([[[1, 0, 0, 1]]])
+    mask = types.SimpleNamespace(device=torch.device("meta"), cpu=lambda: host)
+    b_idx, h_idx, regions = bench_loss._reference_regions(mask, (2, 2))
+    assert b_idx.device.type == h_idx.device.type == regions.device.type == "meta"
+    assert b_idx.shape == h_idx.shape == (2,) and regions.shape == (2, 4) and regions.dtype == torch.long
+
+
 def test_labelling_one_map_is_scipys_8_connected_regions_plus_one():
     mask = np.array([[1, 0, 0, 1], [0, 1, 0, 1], [0, 0, 0, 0], [1, 1, 0, 0]], dtype=np.int64)
     n, labels = bench_loss._label_one(mask)
