@@ -1024,10 +1024,10 @@ def test_the_report_follows_from_the_runs(tmp_path, monkeypatch):
     args.command, args.started = "python benchmarks/evidence.py --the-command", time.monotonic() - 87.5
     models = tmp_path / "models"
     for folder in (
-        "digits_0.1_seed1_4ep_batch8/plain/baseline",
-        "digits_0.1_seed1_4ep_batch8/deit/sar-0.1",
+        "cluttered-digits_0.1_seed1_4ep_batch8/plain/sar-0.1",
+        "cluttered-digits_0.1_seed1_4ep_batch8/deit/baseline",
         "digits_0.1_seed0_4ep_batch8/plain/sar-0.1",
-        "cluttered-digits_0.1_seed1_8ep_batch8/plain/baseline",
+        "digits_0.1_seed1_8ep_batch8/plain/baseline",
     ):
         (models / folder).mkdir(parents=True)
         (models / folder / "key.json").write_text(json.dumps(folder))
@@ -1081,9 +1081,9 @@ def test_the_report_follows_from_the_runs(tmp_path, monkeypatch):
         "The baseline's validation accuracy over training (mean over seeds), at the budget (solid) and in the "
         "search's other runs (dotted):", "",
         "![validation curves](plateau.png)", "",
-        "Attention of seed 1's models at 10% of the digits, on the same test images (each map titled with its "
-        "spatial entropy):", "",
-        "![attention, digits](attention_maps_digits.png)", "",
+        "Attention of seed 1's models at 10% of the cluttered-digits, on the same test images (each map titled "
+        "with its spatial entropy):", "",
+        "![attention, cluttered-digits](attention_maps_cluttered-digits.png)", "",
     ]  # fmt: skip
 
     # summary.json: the same rows and plateau rows, strict JSON, one key a line.
@@ -1103,16 +1103,16 @@ def test_the_report_follows_from_the_runs(tmp_path, monkeypatch):
             diff = [got[f"{name}{key}"] for key in ("diff_vs_baseline", "ci95_low", "ci95_high")]
             assert diff == pytest.approx(list(row[metric, "diff"]))
 
-    # The attention pictures: the picture seed's models at 10% and the budget, each from its folder;
-    # none for the cluttered digits, whose only kept models are of another budget.
-    folder = "digits_0.1_seed1_4ep_batch8"
+    # The attention pictures: the picture seed's models at 10% and the budget, each from its folder,
+    # recipe by recipe; none for the digits (its kept models are of another seed or budget), which
+    # does not end the pictures of the datasets after it.
+    folder = "cluttered-digits_0.1_seed1_4ep_batch8"
     ((shown, images, processor, path),) = pictures
-    assert shown == {"baseline, plain": f"{folder}/plain/baseline", "sar-0.1, deit": f"{folder}/deit/sar-0.1"}
-    assert processor == str(models / folder / "plain" / "baseline") and path == str(
-        tmp_path / "attention_maps_digits.png"
-    )
+    assert shown == {"sar-0.1, plain": f"{folder}/plain/sar-0.1", "baseline, deit": f"{folder}/deit/baseline"}
+    assert processor == str(models / folder / "plain" / "sar-0.1")
+    assert path == str(tmp_path / "attention_maps_cluttered-digits.png")
     assert [np.asarray(image).tolist() for image in images] == [
-        np.asarray(image).tolist() for image in data["digits"]["test"]["image"]
+        np.asarray(image).tolist() for image in data["cluttered-digits"]["test"]["image"]
     ]
 
     # evidence.png: per dataset, accuracy (mean ± std) per recipe and variant over the fractions, and
@@ -1581,3 +1581,43 @@ def test_the_attention_metrics_are_means_over_every_test_image_and_head(monkeypa
         "test_jaccard": evidence.attention_jaccard(scores, ink).mean().item(),
         "test_mass": evidence.mass_on_object(scores, ink).mean().item(),
     }, rel=1e-5)  # fmt: skip
+
+
+def test_summary_json_stays_strict_json_a_metric_that_is_not_a_number_stops_the_report(tmp_path, monkeypatch):
+    """JSON has no NaN: a run whose mass on the object is NaN (a diverged model's attention) makes the
+    report fail with its reason rather than write a summary.json that strict parsers refuse."""
+    bundled(monkeypatch)
+    args = evidence.parse_args(["--datasets", "digits", "--batch_size", "8", "--output", str(tmp_path)])
+    runs = [{**run, "test_mass": float("nan")} if run["epochs"] == 4 else run for run in small_study(FLAT)]
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        evidence.report(runs, args, 4)
+
+
+def test_the_figures_have_a_column_per_dataset_and_the_plateau_figure_a_row_per_recipe_of_the_tables(
+    tmp_path, monkeypatch
+):
+    """A study of the plain recipe alone on the digits: one column in each figure, and one row of
+    validation curves, the plain recipe's (not DeiT's, which has no row in the tables)."""
+    import matplotlib.pyplot as plt
+
+    bundled(monkeypatch)
+    stand_ins(monkeypatch, accuracy=None)
+    figures = {}
+
+    def keep(figure, axes, path):
+        figures[pathlib.Path(path).name] = figure, axes
+        plt.close(figure)
+
+    monkeypatch.setattr(evidence, "save_figure", keep)
+    args = evidence.parse_args([
+        "--datasets", "digits", "--recipes", "plain", "--seeds", "0", "1", "--fractions", "0.1", "--epochs", "2",
+        "--batch_size", "8", "--model_preset", "tiny", "--output", str(tmp_path),
+    ])  # fmt: skip
+    args.command, args.started = "python benchmarks/evidence.py", time.monotonic()
+    evidence.report([run for run in small_study(FLAT) if run["recipe"] == "plain"], args, 4)
+    figure, axes = figures["evidence.png"]
+    assert axes.shape == (2, 1) and tuple(figure.get_size_inches()) == (5.5, 8)
+    figure, axes = figures["plateau.png"]
+    assert axes.shape == (1, 1) and tuple(figure.get_size_inches()) == (5.5, 4)
+    assert axes[0, 0].get_title() == "digits, plain: baseline validation accuracy"
+    assert [line.get_label() for line in axes[0, 0].get_lines()] == ["10%, 2 epochs", "10%, 4 epochs", "10%, 8 epochs"]
