@@ -135,7 +135,7 @@ def test_the_reference_regions_are_made_on_the_masks_device():
     # A mask on another device (here `meta`, standing in for CUDA): labelled on the host, sent back.
     host = torch.tensor([[[1, 0, 0, 1]]])
     mask = types.SimpleNamespace(device=torch.device("meta"), cpu=lambda: host)
-    b_idx, h_idx, regions = bench_loss._reference_regions(mask, (2, 2))
+    b_idx, h_idx, regions = bench_loss._reference_regions(mask, (1, 4))
     assert b_idx.device.type == h_idx.device.type == regions.device.type == "meta"
     assert b_idx.shape == h_idx.shape == (2,) and regions.shape == (2, 4) and regions.dtype == torch.long
 
