@@ -14,6 +14,7 @@ import platform
 import re
 import types
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -804,7 +805,8 @@ def test_the_machine_is_described_by_its_versions_and_cpu(monkeypatch):
     date = datetime.datetime.strptime(info["date"], "%Y-%m-%d %H:%M UTC").replace(tzinfo=datetime.timezone.utc)
     assert before <= date <= after
     assert "gpu" not in info and "cuda" not in info
-    names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []  # Linux
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
     assert info["cpu"] == (names[0] if names else platform.processor() or platform.machine())
 
 
