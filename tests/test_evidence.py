@@ -1295,7 +1295,9 @@ def test_a_figure_is_saved_at_100_dpi_with_a_legend_where_its_artists_have_label
     from matplotlib import font_manager
     from PIL import Image
 
-    figure, axes = plt.subplots(1, 3, figsize=(6, 2), squeeze=False)
+    with matplotlib.rc_context({"figure.dpi": 50}):  # 100 dpi whatever the user's matplotlibrc says
+        figure, axes = plt.subplots(1, 3, figsize=(6, 2), squeeze=False)
+        other = plt.figure()  # drawn after it: the current figure, which stays open
     axes[0, 0].plot([0, 1], [0, 1], label="a line")
     axes[0, 1].plot([0, 1], [1, 0])  # no label: no legend
     axes[0, 2].bar([0], [1], label="bars")
@@ -1309,7 +1311,8 @@ def test_a_figure_is_saved_at_100_dpi_with_a_legend_where_its_artists_have_label
     with Image.open(tmp_path / "figure.png") as png:
         assert png.size == (600, 200)
     assert axes[0, 0].get_position().y0 > 0.15  # tight layout made room for the x label
-    assert not plt.fignum_exists(figure.number)
+    assert not plt.fignum_exists(figure.number) and plt.fignum_exists(other.number)
+    plt.close(other)
 
 
 MAIN = ["--datasets", "digits", "--recipes", "plain", "--variants", "baseline", "sar-0.1", "--seeds", "0", "1", "2",
@@ -1621,3 +1624,23 @@ def test_the_figures_have_a_column_per_dataset_and_the_plateau_figure_a_row_per_
     assert axes.shape == (1, 1) and tuple(figure.get_size_inches()) == (5.5, 4)
     assert axes[0, 0].get_title() == "digits, plain: baseline validation accuracy"
     assert [line.get_label() for line in axes[0, 0].get_lines()] == ["10%, 2 epochs", "10%, 4 epochs", "10%, 8 epochs"]
+
+
+def test_main_trains_on_its_pool_of_workers(tmp_path, monkeypatch):
+    """With two workers every batch goes to the pool that main opened (here its workers run one after the
+    other in this process): each of the study's 12 runs is trained once, by the pool's workers."""
+    import contextlib
+
+    bundled(monkeypatch)
+    trained, _ = stand_ins(monkeypatch, learns_until_4)
+    blank_figures(monkeypatch)
+    pool, opened = SerialPool(), []
+
+    def worker_pool(args):
+        opened.append(args.workers)
+        return contextlib.nullcontext(pool)
+
+    monkeypatch.setattr(evidence, "worker_pool", worker_pool)
+    evidence.main([*MAIN, "--no-plateau_check", "--workers", "2", "--output", str(tmp_path)])
+    assert opened == [2] and len(pool.calls) == 1
+    assert len(trained) == len({evidence.run_key(run) for run in trained}) == 12
