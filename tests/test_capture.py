@@ -267,6 +267,18 @@ def test_a_model_that_computes_no_loss_is_refused_naming_the_class_to_use(build_
     CLSScoreCapture(model)  # refused before anything was attached: the layer is free
 
 
+def test_a_model_that_computes_no_loss_and_has_no_classifier_class_is_refused_without_advice():
+    # CLIP's vision tower: its config has no image-classification class to suggest.
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    model = CLIPVisionModel(CLIPVisionConfig(**VISION))
+    message = (
+        r'^CLIPVisionModel computes no loss \(its forward takes no `labels`\).*"The model did not return a loss"\.$'
+    )
+    with pytest.raises(ValueError, match=message):
+        SpatialEntropyLoss(model)
+
+
 def test_a_model_whose_parameters_sit_at_the_top_level_is_refused_the_same_way():
     class Pooling(torch.nn.Module):  # attention settings, no [CLS] token, a parameter name without a dot
         def __init__(self):
