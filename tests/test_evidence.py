@@ -686,9 +686,19 @@ def test_a_run_is_claimed_once_whoever_asks(tmp_path):
     ]  # fmt: skip
 
 
-def test_the_log_prefixes_every_line(capsys):
+def test_the_log_prefixes_every_line_and_flushes_it(monkeypatch):
+    """Flushed at once: a study stopped by its time limit (run_evidence_gpu.sh's `timeout`) keeps its log."""
+    import io
+
+    class Stream(io.StringIO):
+        flushed = []
+
+        def flush(self):
+            self.flushed.append(self.getvalue())
+
+    monkeypatch.setattr("sys.stdout", Stream())
     evidence.log("a message")
-    assert capsys.readouterr().out == "evidence: a message\n"
+    assert Stream.flushed == ["evidence: a message\n"]
 
 
 def test_the_picture_models_of_a_dataset_lie_under_the_output(tmp_path):
