@@ -555,6 +555,23 @@ def test_torch_compile_of_the_model_trains():
     )
 
 
+def test_torch_compile_fullgraph_of_a_forward_without_labels_then_sar_loss():
+    # Trainer(torch_compile=True, compute_loss_func=model.sar_loss): the compiled forward gets no labels, so its
+    # scores are still pending when it ends; the guard stays out of the graph, and the loss matches eager.
+    torch.manual_seed(0)
+    model = SARViTForImageClassification(SARViTConfig(**TINY, sar_weight=1.0)).train()
+    compiled = torch.compile(model, fullgraph=True)
+    pixel_values, labels = pixels(height=16, width=16), torch.tensor([0, 1, 2])
+    loss = model.sar_loss(compiled(pixel_values=pixel_values), labels)
+    loss.backward()
+    grad = model.vit.layers[-1].attention.q_proj.weight.grad.clone()
+    model.zero_grad()
+    eager = model.sar_loss(model(pixel_values=pixel_values), labels)
+    eager.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, model.vit.layers[-1].attention.q_proj.weight.grad, rtol=1e-4, atol=1e-6)
+
+
 # -- FSDP ---------------------------------------------------------------------------------------
 
 
@@ -712,6 +729,17 @@ def test_a_failed_forward_pass_stops_recording():
     assert_equal_up_to_row_constants(
         scores, eager_cls_log_probs(eager_twin(model), pixel_values, -1, 24, interpolate_pos_encoding=True)
     )
+
+
+def test_a_first_training_pass_refused_before_it_starts_raises_only_its_own_error():
+    # The pass's end hook runs even when its start refused the images, before there is any pass to guard.
+    import warnings
+
+    model = guarded("deit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="Images of 18x24 pixels do not tile into 4x4 patches"):
+            model(pixels(height=18, width=24), interpolate_pos_encoding=True)
 
 
 @pytest.mark.parametrize(("height", "width"), [(18, 24), (16, 22)])
