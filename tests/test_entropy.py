@@ -511,3 +511,16 @@ def test_gpu_script_runs_on_the_cpu(tmp_path):
     assert all("error" not in row and row["loss_rel_diff"] < 1e-5 for row in compiled.values())
     assert "## torch.compile and CUDA graphs" in (out / "bench_loss_cpu.md").read_text()
     assert "== 1. spatial_entropy, every algorithm, against the authors' structure:" in run.stdout  # timed
+
+
+@pytest.mark.parametrize("algorithm", ["scipy", "propagation"])
+def test_the_chosen_labelling_algorithm_is_the_one_that_runs(algorithm, monkeypatch):
+    # Both give the same entropy, so only the call shows which one ran (a user picks one for speed).
+    import sar_hf.components as components
+
+    calls = []
+    for name in ("_label_scipy", "_label_propagation"):
+        original = getattr(components, name)
+        monkeypatch.setattr(components, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    spatial_entropy(torch.randn(2, 3, 16), (4, 4), algorithm=algorithm)
+    assert set(calls) == {f"_label_{algorithm}"}
