@@ -313,10 +313,11 @@ def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(tmp_path):
     assert any(not torch.allclose(without[name], value, atol=1e-5) for name, value in big.items())
 
 
-@pytest.mark.parametrize("images, batch_size, accumulation", [(26, 2, 4), (64, 16, 3), (10, 4, 1)])
+@pytest.mark.parametrize("images, batch_size, accumulation", [(26, 2, 4), (64, 16, 3), (10, 4, 1), (5, 8, 2)])
 def test_steps_per_epoch_counts_as_trainer_does(tmp_path, images, batch_size, accumulation):
     """`--warmup_epochs` turns epochs into the optimizer steps that Trainer takes in one epoch, a partly
-    accumulated last step included (26 images in batches of 2, 4 accumulated: 13 batches, 4 steps)."""
+    accumulated last step included (26 images in batches of 2, 4 accumulated: 13 batches, 4 steps), and
+    one step when all the images fit in one batch (5 images, batches of 8)."""
     import torch
     from tiny import TINY as TINY_CONFIG
     from tiny import TinyImages
@@ -334,6 +335,34 @@ def test_steps_per_epoch_counts_as_trainer_does(tmp_path, images, batch_size, ac
     # Issue 23's case: 1221 images, batch 16, 4 accumulated: 77 batches make 20 steps (not 19).
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, gradient_accumulation_steps=4)
     assert steps_per_epoch(args, 1221) == 20
+
+
+@pytest.mark.parametrize(
+    "images, batch_size, processes, accumulation", [(26, 2, 8, 1), (1221, 16, 8, 4), (10, 4, 2, 1), (3, 4, 2, 2)]
+)
+def test_steps_per_epoch_on_several_processes_counts_each_processs_share(
+    tmp_path, monkeypatch, images, batch_size, processes, accumulation
+):
+    """On 8 GPUs each process loads an eighth of the batches: `--warmup_epochs` counts the steps of one process
+    (1221 images, batches of 16 on 8 processes: 10 batches each, 4 accumulated make 3 steps, not 20)."""
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation
+    )
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: processes))
+    # What each process's loader yields when Trainer's Accelerator shards the batches across the processes.
+    batches = {
+        len(prepare_data_loader(DataLoader(range(images), batch_size=batch_size), None, processes, rank, False))
+        for rank in range(processes)
+    }
+    assert len(batches) == 1  # the same on every process
+    steps = -(-batches.pop() // accumulation)  # a last step of fewer batches is still a step
+    assert steps_per_epoch(args, images) == steps
+    if (images, batch_size, processes, accumulation) == (1221, 16, 8, 4):
+        assert steps == 3
 
 
 # --------------------------------------------------------------------------------------------
