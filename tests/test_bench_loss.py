@@ -608,6 +608,49 @@ def test_a_steps_gradient_seed_is_made_beforehand_so_its_fill_is_not_counted():
     assert len(inside.ops) == len(implicit.ops) - 1
 
 
+def test_a_steps_gradient_seed_is_made_on_the_scores_device_so_no_copy_is_counted(monkeypatch):
+    # A host-made seed for a CUDA loss costs a host-to-device copy inside every counted step; the
+    # meta device stands in for CUDA (autograd itself accepts a CPU seed there, so the seed is read).
+    seeds = []
+    monkeypatch.setattr(torch.autograd, "grad", lambda output, leaf, seed: seeds.append(seed))
+    scores = torch.zeros(1, 1, 3, device="meta")
+    bench_loss._forward_backward(lambda s: s.sum(), scores)()
+    assert [seed.device.type for seed in seeds] == ["meta"] and seeds[0].shape == ()
+
+
+class FakeProfile:
+    """`torch.profiler.profile` stood in for: it keeps its activities and returns the given events."""
+
+    def __init__(self, kinds):
+        self.events_of_a_run = [types.SimpleNamespace(device_type=kind) for kind in kinds]
+        self.activities = []
+
+    def __call__(self, activities):
+        self.activities.append(activities)
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def events(self):
+        return self.events_of_a_run
+
+
+def test_gpu_events_are_the_cuda_events_of_one_profiled_step_after_a_warm_up(monkeypatch):
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    profile = FakeProfile([cpu, cuda, cpu, cuda, cuda])
+    calls, synced = [], []
+    monkeypatch.setattr(torch.profiler, "profile", profile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: synced.append(len(calls)))
+    assert bench_loss._gpu_events(lambda: calls.append(1)) == 3
+    activity = torch.profiler.ProfilerActivity
+    assert profile.activities == [[activity.CPU, activity.CUDA]]  # CUDA events need CUDA activity
+    assert len(calls) == 2 and synced == [1, 2]  # the warm-up's work is done before the profile starts
+
+
 def test_launch_counts_need_a_profiler_that_counts_one_kernel_for_x_plus_1(monkeypatch):
     counts = []
 
@@ -714,6 +757,25 @@ def test_host_syncs_put_the_debug_mode_back_when_the_step_fails(monkeypatch):
     with pytest.raises(ValueError, match="boom"):
         bench_loss.host_syncs(fn, torch.ones(1, 1, 2))
     assert modes == ["warn", "default"]
+
+
+def test_host_syncs_keep_the_backward_on_the_calling_thread(monkeypatch):
+    # On CUDA, autograd's device thread would replay the backward's sync warnings from its own frames.
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+    seen = []
+
+    class Spy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, s):
+            return s.sum()
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(torch.autograd.is_multithreading_enabled())
+            return grad.expand(2)
+
+    bench_loss.host_syncs(Spy.apply, torch.ones(2))
+    assert seen == [False] and torch.autograd.is_multithreading_enabled()
 
 
 # -- the graph variants (torch.compile stood in for) -------------------------------------------------
