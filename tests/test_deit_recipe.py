@@ -394,3 +394,54 @@ def test_randaugment_keeps_pixels_in_0_1():
     for seed in (600, 1114, 1280):
         pixels = _seeded(lambda: transform(white), seed)  # mean 0, std 1: the pixels as RandAugment leaves them
         assert pixels.min() == 0 and pixels.max() == 1, seed
+
+
+def _mixing_trainer(tmp_path, batch_mix, *args, **kwargs):
+    from tiny import TINY
+    from transformers import TrainingArguments
+
+    from sar_hf import SARViTConfig, SARViTForImageClassification
+    from sar_hf.scripts.deit_recipe import MixingTrainer
+
+    model = SARViTForImageClassification(SARViTConfig(**TINY))
+    training_args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no")
+    if args:  # positionally, as Trainer(model, args, data_collator, train_dataset) takes them
+        return MixingTrainer(model, training_args, *args, batch_mix=batch_mix, **kwargs), model, training_args
+    return MixingTrainer(model=model, args=training_args, batch_mix=batch_mix, **kwargs), model, training_args
+
+
+def test_the_mixing_trainer_mixes_each_batch_of_an_optimizer_step_and_keeps_its_other_keys(tmp_path):
+    """What `get_batch_samples` hands Trainer: the first `num_batches` batches, each mixed by `batch_mix` (images and
+    soft targets replaced, any other key kept); the rest stays in the iterator for the next step."""
+    seen = []
+
+    def mix(pixel_values, labels):  # a mixing that shows what it was given
+        seen.append((pixel_values, labels))
+        return pixel_values.flip(-1), torch.nn.functional.one_hot(labels, 3).float() * 0.5
+
+    trainer, *_ = _mixing_trainer(tmp_path, mix)
+    batches = [
+        {"pixel_values": torch.randn(2, 3, 16, 16), "labels": torch.tensor([k % 3, (k + 1) % 3]), "index": k}
+        for k in range(3)
+    ]
+    iterator = iter(batches)
+    samples, _ = trainer.get_batch_samples(iterator, 2, trainer.args.device)
+    assert next(iterator) is batches[2] and len(samples) == 2 and len(seen) == 2
+    for batch, sample, (pixel_values, labels) in zip(batches[:2], samples, seen, strict=True):
+        assert torch.equal(pixel_values, batch["pixel_values"]) and torch.equal(labels, batch["labels"])
+        assert sorted(sample) == ["index", "labels", "pixel_values"] and sample["index"] == batch["index"]
+        torch.testing.assert_close(sample["pixel_values"], batch["pixel_values"].flip(-1), rtol=0, atol=0)
+        expected = torch.zeros(2, 3)
+        expected[torch.arange(2), batch["labels"]] = 0.5
+        torch.testing.assert_close(sample["labels"], expected, rtol=0, atol=0)
+
+
+def test_the_mixing_trainer_takes_the_trainers_arguments_by_position(tmp_path):
+    """`MixingTrainer(model, args, data_collator, train_dataset, batch_mix=...)`, as Trainer takes them."""
+    from tiny import TinyImages
+
+    data = TinyImages(4)
+    mix = MixupCutmix(3, mixup_alpha=1.0)
+    trainer, model, training_args = _mixing_trainer(tmp_path, mix, None, data)
+    assert trainer.model is model and trainer.args is training_args and trainer.train_dataset is data
+    assert trainer.batch_mix is mix

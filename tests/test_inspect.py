@@ -387,6 +387,21 @@ def test_errors_say_what_is_wrong(tmp_path):
         run(vit, folder, "--split", "test")
     with pytest.raises(ValueError, match="--batch_size must be at least 1"):
         run(vit, folder, "--batch_size", "0")
+    with pytest.raises(
+        ValueError, match=r"^--figure_layer 3 is out of range: the model has 3 layers \(0..2, or -3..-1\).$"
+    ):
+        run(vit, folder, "--figure_layer", "3")
+
+
+def test_a_two_tower_checkpoint_without_its_processor_is_refused_with_the_reason(tmp_path):
+    """A SigLIP checkpoint (image size and layers in its `vision_config`, no [CLS] token), saved without its image
+    processor: the command reads its image tower's size and depth, and the refusal says why (not an AttributeError)."""
+    text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
+    config = transformers.SiglipConfig(text_config=text, vision_config=TINY)
+    transformers.SiglipModel(config).save_pretrained(tmp_path / "siglip")
+    args = ["--model", str(tmp_path / "siglip"), "--images", str(_image_folder(tmp_path / "images", count=2))]
+    with pytest.raises(ValueError, match=r"^SiglipModel has no \[CLS\] token"):
+        main([*args, "--output", str(tmp_path / "out")])
 
 
 class _TorchWithAGPU:
