@@ -37,11 +37,11 @@ imported only then, since Triton is optional. On a CPU, Triton's interpreter run
 """
 
 import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from . import entropy
 
@@ -183,7 +183,9 @@ def _launching(tensor: torch.Tensor):
     """Launches on `tensor`'s GPU; a clear error for CPU tensors outside Triton's interpreter."""
     if tensor.device.type == "cuda":
         return torch.cuda.device(tensor.device)
-    if os.environ.get("TRITON_INTERPRET", "").lower() not in ("1", "true", "on"):
+    # Whether Triton's interpreter runs the kernels was settled when they were defined, from TRITON_INTERPRET
+    # as Triton reads it (Triton 3.9 takes 1, true, on, yes or y, in any case): ask a kernel itself.
+    if not isinstance(_label_kernel, InterpretedFunction):
         raise ValueError(
             f"algorithm='triton' runs on CUDA tensors, got a {tensor.device.type} tensor; use algorithm='auto' "
             "(scipy on a CPU), or set TRITON_INTERPRET=1 before importing sar_hf to run the kernels in Triton's "

@@ -89,6 +89,7 @@ def test_grids_beyond_the_kernels_fall_back_to_propagation_once(monkeypatch, cap
     calls = []
     monkeypatch.setattr(components, "_label_propagation", record(calls, components._label_propagation))
     mask = random_mask(np.random.default_rng(2), (2, 65, 64), 0.5)  # 4160 pixels
+    logging.Logger.warning_once.cache_clear()  # Transformers' "once" is per process: as if none came before
     with caplog.at_level(logging.WARNING):
         for _ in range(2):
             assert_same_partition(connected_components(torch.from_numpy(mask), 8, "triton"), mask, 8)
@@ -140,12 +141,51 @@ def test_the_fallback_warning_stays_out_of_compiled_graphs():
     assert_same_partition(labels, mask.numpy(), 8)
 
 
-def test_cpu_tensors_outside_the_interpreter_are_refused(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="runs on CUDA tensors, got a cpu tensor; use algorithm='auto'"):
-        connected_components(torch.ones(1, 3, 3, dtype=torch.bool), algorithm="triton")
-    with pytest.raises(ValueError, match="runs on CUDA tensors"):
-        spatial_entropy(torch.randn(1, 1, 9), (3, 3), algorithm="triton")
+@pytest.mark.parametrize("interpret", [None, "0"])
+def test_cpu_tensors_outside_the_interpreter_are_refused(interpret):
+    # Triton decides when the kernels are defined (at the import) whether its interpreter runs them.
+    done = run_in_a_fresh_process(CPU_CALLS, interpret)
+    assert done.returncode == 0, done.stderr[-3000:]
+    refusal = "algorithm='triton' runs on CUDA tensors, got a cpu tensor; use algorithm='auto'"
+    assert done.stdout.splitlines() == [f"ValueError {refusal}", f"ValueError {refusal}"], done.stdout
+
+
+@pytest.mark.parametrize("interpret", ["yes"])  # "1" is how conftest.py runs the rest
+def test_the_interpreter_runs_cpu_tensors_however_triton_is_told_to_use_it(interpret):
+    # Every spelling that Triton reads as true (1, true, on, yes, y, in any case) puts the kernels in its
+    # interpreter, and then CPU tensors are theirs to run.
+    done = run_in_a_fresh_process(CPU_CALLS, interpret)
+    assert done.returncode == 0, done.stderr[-3000:]
+    labels, loss = done.stdout.splitlines()
+    mask = np.array([[1, 0, 1], [0, 0, 0], [1, 1, 0]], dtype=bool)
+    assert labels == str(reference_labels(mask, 8)[None].tolist())
+    scores = torch.tensor([[[5.0, 0.0, 1.0, 0.0, 0.0, 0.0, 4.0, 4.0, 0.0]]], dtype=torch.float64)
+    assert float(loss) == pytest.approx(reference(scores, (3, 3)).item(), rel=1e-6)
+
+
+CPU_CALLS = textwrap.dedent(
+    """
+    import torch
+    from sar_hf import connected_components, spatial_entropy
+
+    mask = torch.tensor([[[1, 0, 1], [0, 0, 0], [1, 1, 0]]], dtype=torch.bool)
+    scores = torch.tensor([[[5.0, 0.0, 1.0, 0.0, 0.0, 0.0, 4.0, 4.0, 0.0]]])
+    for call in (lambda: connected_components(mask, 8, "triton").tolist(),
+                 lambda: spatial_entropy(scores, (3, 3), algorithm="triton").item()):
+        try:
+            print(call())
+        except ValueError as error:
+            print("ValueError", str(error).split(" (scipy")[0])
+    """
+)
+
+
+def run_in_a_fresh_process(code: str, interpret: str | None) -> subprocess.CompletedProcess:
+    """`code` run by a new interpreter whose TRITON_INTERPRET is `interpret` (None: not set)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret is not None:
+        env["TRITON_INTERPRET"] = interpret
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
 # -- the loss ---------------------------------------------------------------------------------
