@@ -429,17 +429,26 @@ def test_what_the_command_prints_and_logs(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(inspect_attention, "load_model", recording)
     monkeypatch.setattr(inspect_attention, "torch", _TorchWithAGPU())
+    captured, measure = [], inspect_attention.measure
+
+    def recording_measure(model, processor, images, layers, *args, **kwargs):
+        captured.append(layers)
+        return measure(model, processor, images, layers, *args, **kwargs)
+
+    monkeypatch.setattr(inspect_attention, "measure", recording_measure)
+    out.mkdir()  # a folder that is there already (a rerun) is written into
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     root.handlers.clear()  # as in a fresh process, where `main` sets the logging up
     root.setLevel(logging.WARNING)
     try:
         args = ["--model", str(path), "--images", str(folder), "--output", str(out), "--layers", "2", "0"]
-        report = main([*args, "--batch_size", "2", "--figure_images", "0"])
+        report = main([*args, "--batch_size", "2", "--figure_images", "0", "--figure_layer", "1"])
     finally:
         root.handlers[:], root.level = handlers, level
     printed, err = capsys.readouterr()
     assert moves == ["cuda"]
+    assert captured == [[0, 2]]  # no maps drawn: the figure's layer is not captured
     assert printed.splitlines() == [
         f"layer {entry['layer']:>2}: entropy {entry['entropy_mean']:.3f} nats, {entry['regions_mean']:.2f} regions"
         for entry in report["layers"]
