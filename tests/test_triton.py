@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -76,12 +77,26 @@ def test_random_masks_get_scipys_labels(grid, connectivity):
     assert_same_partition(labels, mask.numpy(), connectivity)
     expected, expected_counts = connected_components(mask.to(DEVICE), connectivity, "scipy", return_counts=True)
     assert torch.equal(labels, expected) and torch.equal(counts, expected_counts)
+    # torch.equal does not compare dtypes: the labels and counts are int64, as scipy's
+    assert labels.dtype == expected.dtype == torch.int64 and counts.dtype == expected_counts.dtype
 
 
 def test_one_launch_labels_every_map(monkeypatch):
     launches = count_launches(monkeypatch)
     connected_components(torch.from_numpy(random_mask(np.random.default_rng(1), (3, 4, 9, 9), 0.5)), 8, "triton")
     assert launches == ["_label_kernel"]
+
+
+def test_labels_and_counts_are_made_on_the_maps_device(monkeypatch):
+    # On a GPU an output buffer left on the default device (the host) hands the kernel a host pointer.
+    # Here the default device is meta meanwhile, so a buffer made without the maps' device is a meta
+    # tensor that the launch cannot read.
+    mask = torch.from_numpy(random_mask(np.random.default_rng(4), (3, 5, 7), 0.5))
+    with torch.device("meta"):
+        labels, counts = triton_kernels.label_maps(mask.to(DEVICE), 8)
+    assert labels.device == counts.device == mask.to(DEVICE).device
+    expected, expected_counts = connected_components(mask, 8, "scipy", return_counts=True)
+    assert torch.equal(labels.cpu(), expected) and torch.equal(counts.cpu(), expected_counts)
 
 
 def test_grids_beyond_the_kernels_fall_back_to_propagation_once(monkeypatch, caplog):
@@ -299,6 +314,48 @@ def test_empty_batch():
 # -- launches, host reads, graphs ---------------------------------------------------------------
 
 
+def test_the_loss_on_grids_beyond_the_kernels_falls_back_to_propagation(monkeypatch):
+    launches = count_launches(monkeypatch)
+    scores = scores_for((1, 2, 65, 64), seed=5)  # 4160 patches, more than the kernels hold
+    got = spatial_entropy(scores.to(DEVICE), (65, 64), "none", "triton")
+    assert launches == []
+    assert_matches_reference(got.cpu(), reference(scores, (65, 64)), rtol=1e-6)
+
+
+def test_every_launch_gets_the_warps_of_its_block_and_no_fused_multiply_adds(monkeypatch):
+    # 4 pixels per thread from 512 pixels on (a warp is 32 threads), 4 warps at least, and no contraction into
+    # fused multiply-adds, which would round the entropy otherwise than the eager float32 operations.
+    options = []
+    launcher = type(triton_kernels._label_kernel)
+    run = launcher.run
+
+    def recorded(self, *args, **kwargs):
+        options.append((self.fn.__name__, kwargs.get("num_warps"), kwargs.get("enable_fp_fusion")))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(launcher, "run", recorded)
+    for grid in [(9, 9), (64, 64)]:
+        connected_components(torch.zeros(1, *grid, dtype=torch.bool, device=DEVICE), 8, "triton")
+    scores = torch.randn(1, 1, 64 * 64, device=DEVICE, requires_grad=True)
+    spatial_entropy(scores, (64, 64), algorithm="triton").backward()
+    assert options == [
+        ("_label_kernel", 4, False),
+        ("_label_kernel", 32, False),
+        ("_entropy_kernel", 32, False),
+        ("_reduce_kernel", 8, False),  # 1024 maps per step
+        ("_entropy_backward_kernel", 32, False),
+    ]
+
+
+def test_launches_on_a_gpu_go_to_the_gpu_of_the_tensor():
+    # Triton launches on the current CUDA device; on a machine with several GPUs the launchers must make the
+    # tensor's GPU current, whatever TRITON_INTERPRET says. The context is built here for a tensor that claims
+    # the second GPU (building it needs no GPU).
+    tensor = types.SimpleNamespace(device=torch.device("cuda", 1))
+    context = triton_kernels._launching(tensor)
+    assert isinstance(context, torch.cuda.device) and context.idx == 1
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_three_launches_and_no_other_tensor_work(monkeypatch, reduction):
     # Forward: the maps, then the mean (or the skipped count) over them; backward: one. Nothing else
@@ -341,14 +398,21 @@ def test_kernels_compile_for_a_gpu(tmp_path):
         """
         import triton
         from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import CUDAOptions
         from triton.compiler import ASTSource
         from sar_hf import triton_kernels as k
 
         def build(kernel, block, signature, **constexprs):
             signature = {**signature, "BLOCK": "constexpr", **{name: "constexpr" for name in constexprs}}
             src = ASTSource(fn=kernel, signature=signature, constexprs={**constexprs, "BLOCK": block})
-            binary = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=k._options(block))
+            options = k._options(block)
+            # A GPU launch refuses options the backend does not know (compile() alone ignores them).
+            assert set(options) <= set(CUDAOptions.__dataclass_fields__), options
+            binary = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
             assert binary.asm["cubin"], kernel
+            # No multiply and add contracted into an fma, which rounds otherwise than the eager path (the
+            # fma.rn.ftz.f32 of Triton's approximate log are its own).
+            assert "fma.rn.f32" not in binary.asm["ptx"], kernel
             print(kernel.fn.__name__)
 
         label = {"mask_ptr": "*u8", "labels_ptr": "*i64", "counts_ptr": "*i64", "gh": "i32", "gw": "i32"}
