@@ -187,8 +187,10 @@ def test_every_family_against_eager_attention_probabilities(tmp_path, family, fo
             assert png.format == "PNG"
 
 
-def test_the_bundled_digits_and_chosen_layers(tmp_path, forward_passes):
+def test_the_bundled_digits_and_chosen_layers(tmp_path, forward_passes, monkeypatch):
     """A SAR ViT on the digits' 360 test images, layers chosen out of order, the maps drawn at a layer not measured."""
+    drawn, draw = [], inspect_attention.draw_attention_figure
+    monkeypatch.setattr(inspect_attention, "draw_attention_figure", lambda *args: drawn.append(args) or draw(*args))
     path = _checkpoint(tmp_path, "sar-vit")
     out = tmp_path / "digits"
     args = ["--model", str(path), "--images", "digits", "--output", str(out), "--layers", "-1", "1"]
@@ -202,6 +204,22 @@ def test_the_bundled_digits_and_chosen_layers(tmp_path, forward_passes):
     with Image.open(out / "attention_layer_0.png") as png:  # 3 images, an image and 2 panels per head
         assert png.size == (CELL_INCHES * DPI * (1 + 2 * 2), CELL_INCHES * DPI * 3)
     assert not (out / "attention_layer_2.png").exists()
+    # What the figure shows: the first 3 images as they are, and their layer-0 maps, labelled with the checkpoint.
+    ((scores, pictures, png),) = drawn
+    assert list(scores) == [f"{path.name}, layer 0"] and png == os.path.join(str(out), "attention_layer_0.png")
+    assert [np.asarray(picture.convert("RGB")).tolist() for picture in pictures] == [
+        np.asarray(image).tolist() for image in images[:3]
+    ]
+    kept, grid_size = scores[f"{path.name}, layer 0"]
+    processor = vit_image_processor_class()(size={"height": 16, "width": 16})
+    with torch.no_grad():
+        twin = _eager_twin(path, "sar-vit")
+        probs = twin(**processor(images=images[:3], return_tensors="pt"), output_attentions=True).attentions[0]
+    probs = probs[:, :, 0, -GRID[0] * GRID[1] :].double()
+    assert grid_size == GRID and kept.shape == probs.shape
+    torch.testing.assert_close(
+        kept.double().log_softmax(-1), (probs / probs.sum(-1, keepdim=True)).log(), atol=1e-4, rtol=0
+    )
 
 
 def test_a_checkpoint_saved_without_its_image_processor(tmp_path):
@@ -228,6 +246,50 @@ def test_summarise_by_hand():
     one = summarise("m", entropy[:1], regions[:1], [7])
     assert one["images"] == 1 and one["layers"][0]["head_entropy_ci95"] == [[None, None], [None, None]]
     json.dumps(one, allow_nan=False)  # valid JSON: no NaN
+
+
+def test_measure_batches_sends_each_to_the_models_device_and_dtype_and_keeps_the_first_scores(monkeypatch):
+    """`measure` with a stand-in model on the "meta" device in float16 (as a checkpoint on a GPU in half precision):
+    each batch of `batch_size` images reaches the model there, in its dtype; the statistics are those of every
+    image's scores, in order; the scores of the first `keep` images come back (none by default)."""
+    from datasets import Dataset
+
+    calls, returned = [], []
+
+    class Model:
+        device, dtype = torch.device("meta"), torch.float16
+
+        def __call__(self, pixel_values):
+            calls.append((pixel_values.device, pixel_values.dtype, tuple(pixel_values.shape)))
+
+    class Capture:  # the scores of the last forward pass: random, one map per (layer, head)
+        def __init__(self, model, layer):
+            self.layers = layer
+
+        def pop(self):
+            returned.append(torch.randn(calls[-1][2][0], len(self.layers), 2, 16, dtype=torch.float16))
+            return returned[-1], GRID, None
+
+        def remove(self):
+            pass
+
+    monkeypatch.setattr(inspect_attention, "CLSScoreCapture", Capture)
+    rng = np.random.default_rng(0)
+    images = Dataset.from_dict(
+        {"picture": [Image.fromarray(rng.integers(0, 256, (20, 24), dtype=np.uint8)) for _ in range(5)]}
+    )
+    processor = vit_image_processor_class()(size={"height": 16, "width": 16})
+    for keep, kept_images in ((None, 0), (3, 3), (9, 5)):
+        calls.clear(), returned.clear()
+        kwargs = {} if keep is None else {"keep": keep}
+        entropy, regions, kept, grid_size = inspect_attention.measure(Model(), processor, images, [0, 2], 2, **kwargs)
+        assert calls == [(torch.device("meta"), torch.float16, (n, 3, 16, 16)) for n in (2, 2, 1)]
+        scores = torch.cat(returned)
+        expected_entropy, expected_regions = map_statistics(scores, GRID)
+        np.testing.assert_array_equal(entropy, expected_entropy.numpy())
+        np.testing.assert_array_equal(regions, expected_regions.numpy())
+        assert grid_size == GRID and kept.dtype == torch.float32
+        torch.testing.assert_close(kept, scores[:kept_images].float(), rtol=0, atol=0)
 
 
 def test_map_statistics_by_hand():
@@ -458,7 +520,9 @@ def test_what_the_command_prints_and_logs(tmp_path, monkeypatch, capsys):
     warning = f"WARNING - {name} - {path} has no image processor; resizing to its 16 px with a ViTImageProcessor."
     assert warning in err.splitlines()
     assert f"INFO - {name} - 3 images, 2 layers: {out}" in err.splitlines()
-    assert re.search(r"\[CLS\] maps: 100%.*\| 2/2 \[.*batch", err)  # two batches of up to 2 images
+    assert re.search(
+        r"\[CLS\] maps: 100%.*\| 2/2 \[[^\]]*[0-9?](batch/s|s/batch)\]", err
+    )  # two batches of up to 2 images
     assert sorted(os.listdir(out)) == ["entropy_by_layer.png", "inspect.json"]  # no maps drawn
     assert (out / "inspect.json").read_text(encoding="utf-8") == json.dumps(report, indent=2)  # for people to read
 
