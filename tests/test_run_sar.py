@@ -1078,8 +1078,12 @@ def transformers_logging():
     return transformers.utils.logging
 
 
-def test_a_run_trains_scores_both_splits_and_saves_what_it_reports(quick, capsys):
+def test_a_run_trains_scores_both_splits_and_saves_what_it_reports(quick, capsys, caplog):
+    import logging
+
     from sar_hf.data import collate_fn, processor_size
+
+    caplog.set_level(logging.WARNING, logger="sar_hf.scripts.train")
 
     results, out, seen = quick("--sar_weight", "0.5", "--sar_schedule", "constant", "--sar_warmup_epochs", "0.25",
                                "--sar_granularity", "step", "--attention_figure_images", "2",
@@ -1135,6 +1139,10 @@ def test_a_run_trains_scores_both_splits_and_saves_what_it_reports(quick, capsys
     printed = capsys.readouterr().out
     assert f"final eval accuracy: {results['eval_accuracy']:.4f}\n" in printed
     assert f"final test accuracy: {results['test_accuracy']:.4f}\n" in printed
+    for split in ("train", "eval", "test"):  # Trainer's table of each split's metrics, under the split's name
+        assert f"***** {split} metrics *****\n" in printed
+    # No precision flag, so no warning that one runs in float32 (which the line before it says).
+    assert "mixed precision: no (float32)" in caplog.text and "was given, but" not in caplog.text
     # The card: a model trained from scratch on the bundled digits.
     assert seen["card"] == {"finetuned_from": None, "tasks": "image-classification",
                             "dataset": "scikit-learn digits", "tags": ["image-classification", "vision"]}  # fmt: skip
@@ -1174,6 +1182,7 @@ def test_warm_up_in_epochs_the_figure_and_the_log(quick, capsys, monkeypatch):
                                  r"mixed precision: no \(float32\)\n"), printed)  # fmt: skip
     assert logging.getLogger("sar_hf").level == logging.INFO and logging.getLogger("sar_hf.scripts.train").level == 20
     assert f"final eval accuracy: {results['eval_accuracy']:.4f}\n" in printed and "final test" not in printed
+    assert re.search(line.format("INFO", re.escape(f"Attention maps of 2 images: {path}\n")), printed)
 
 
 def test_mixup_trains_with_the_mixing_trainer_and_the_models_own_loss(quick):
@@ -1185,6 +1194,41 @@ def test_mixup_trains_with_the_mixing_trainer_and_the_models_own_loss(quick):
     assert (mix.num_classes, mix.label_smoothing, mix.cutmix) == (3, 0.1, None) and mix.mixup is not None
     assert trainer.eval_dataset is None and results["train_samples"] == 12
     assert not any(key.startswith(("eval_", "test_")) for key in results)  # neither split scored
+    assert "figure" not in seen  # --attention_figure_images 0: no figure
+
+
+def test_without_a_validation_or_test_split_the_figure_shows_training_images(quick):
+    """`--train_val_split 0` on a folder with no other split: the attention maps are drawn on training images."""
+    _, _, seen = quick("--attention_figure_images", "2", "--do_eval", "False", "--max_steps", "1",
+                       splits={"train": [2, 1, 0, 2, 1, 0]})  # fmt: skip
+    _, pictures, _, _ = seen["figure"]
+    assert [_number(image) for image in pictures] == [2, 1]  # the first 0 (index 2), then the first 1 (index 1)
+
+
+def test_the_final_accuracy_reaches_a_piped_stdout_at_once(quick, monkeypatch):
+    """Piped (`sar-hf train ... | tee log`), stdout is block-buffered: the final accuracy is flushed when printed, so
+    it is not lost if the process is then killed (a gloo group aborts a rank at exit now and then)."""
+    import io
+    import sys
+
+    raw = io.BytesIO()
+    piped = io.TextIOWrapper(raw, encoding="utf-8", line_buffering=False, write_through=False)
+    monkeypatch.setattr(sys, "stdout", piped)
+    results, _, _ = quick("--max_steps", "1")
+    assert f"final test accuracy: {results['test_accuracy']:.4f}\n" in raw.getvalue().decode()
+
+
+def test_the_parameter_count_is_logged_in_millions_rounded_to_the_nearest_hundredth(quick, monkeypatch, caplog):
+    """2,065,002 parameters (the tiny preset on 146 px images in one 146 px patch, 42 classes) are 2.07M."""
+    import logging
+
+    names = [f"class {i}" for i in range(42)]
+    monkeypatch.setitem(globals(), "CLASSES", names)
+    caplog.set_level(logging.INFO, logger="sar_hf.scripts.train")
+    _, _, seen = quick("--image_size", "146", "--patch_size", "146", "--max_steps", "1", "--do_eval", "False",
+                       splits={"train": list(range(42))})  # fmt: skip
+    assert sum(p.numel() for p in seen["trainer"].model.parameters()) == 2_065_002
+    assert "(SARViTForImageClassification), 2.07M parameters, 146 px images, 146 px patches" in caplog.text
 
 
 def test_prediction_only_scores_the_test_split_and_pushes_the_card(quick):

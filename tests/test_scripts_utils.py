@@ -368,3 +368,195 @@ def test_overwrite_output_dir_deletes_the_checkpoints_and_starts_afresh(run_fold
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-99", "runs"]  # only checkpoint folders go
     assert f"--overwrite_output_dir: deleting {paths[8]}" in caplog.messages
     assert _resolve(out / "never-made", overwrite=True) is None and not (out / "never-made").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# load_data: the checked splits, on in-memory data
+
+
+def _rows(labels, start=0, label_names=("a", "b"), extra=True):
+    """Rows whose "image" column numbers them (`start + i`), with a ClassLabel and another column to be dropped."""
+    from datasets import Value
+
+    features = {"image": Value("int64"), "label": ClassLabel(names=list(label_names))}
+    data = {"image": list(range(start, start + len(labels))), "label": list(labels)}
+    if extra:
+        features["other"] = Value("string")
+        data["other"] = ["x"] * len(labels)
+    return Dataset.from_dict(data, features=Features(features))
+
+
+def _load(monkeypatch, splits, *flags):
+    """`load_data` of the script on `splits` (in place of what `load_image_dataset` would read): `(dataset,
+    skipped, calls)`, where `calls` holds the arguments that `load_image_dataset` was given."""
+    from datasets import DatasetDict
+
+    calls = []
+
+    def load_image_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return DatasetDict(splits)
+
+    monkeypatch.setattr(utils, "load_image_dataset", load_image_dataset)
+    model_args, data_args, _, _, training_args = parse_args(list(flags))
+    dataset, skipped = utils.load_data(model_args, data_args, training_args)
+    return dataset, skipped, calls
+
+
+def _ids(split):
+    return list(split.with_format(None)["image"])
+
+
+def test_load_data_reads_the_dataset_or_folders_named_with_the_hub_settings(monkeypatch):
+    splits = {"train": _rows([0, 1] * 4), "validation": _rows([0, 1])}
+    calls = _load(monkeypatch, splits, "--no_verify_images")[2]
+    assert calls == [(("digits", None, None, None), {"cache_dir": None, "token": None})]  # the bundled default
+    flags = ["--dataset_name", "someone/images", "--dataset_config_name", "small", "--cache_dir", "/cache",
+             "--token", "secret", "--no_verify_images"]  # fmt: skip
+    calls = _load(monkeypatch, splits, *flags)[2]
+    assert calls == [(("someone/images", "small", None, None), {"cache_dir": "/cache", "token": "secret"})]
+    calls = _load(
+        monkeypatch, splits, "--train_dir", "own/train", "--validation_dir", "own/val", "--no_verify_images"
+    )[2]
+    assert calls == [((None, None, "own/train", "own/val"), {"cache_dir": None, "token": None})]
+
+
+def test_load_data_keeps_the_three_splits_and_the_two_columns_named(monkeypatch):
+    """A dataset's own validation split is kept as it is (not carved again from train); other splits and columns
+    are dropped; string labels become one ClassLabel shared by every split; a split of one image is enough."""
+    from datasets import Value
+
+    def renamed(ds, labels):
+        ds = ds.rename_columns({"image": "img", "label": "y"}).remove_columns("y")
+        return ds.add_column("y", labels, feature=Value("string"))
+
+    splits = {
+        "unlabeled": _rows([0, 1], 100),
+        "test": renamed(_rows([1], 50), ["cat"]),
+        "validation": renamed(_rows([0, 1], 20), ["dog", "cat"]),
+        "train": renamed(_rows([0, 1] * 4), ["cat", "dog"] * 4),
+    }
+    flags = ["--image_column_name", "img", "--label_column_name", "y", "--no_verify_images"]
+    dataset, skipped, _ = _load(monkeypatch, splits, *flags)
+    assert list(dataset) == ["train", "validation", "test"] and skipped == {}
+    for split in dataset.values():
+        assert split.column_names == ["img", "y"] and split.features["y"] == ClassLabel(names=["cat", "dog"])
+    ids = {name: list(split.with_format(None)["img"]) for name, split in dataset.items()}
+    assert ids == {"train": list(range(8)), "validation": [20, 21], "test": [50]}
+    assert list(dataset["validation"].with_format(None)["y"]) == [1, 0]  # dog, cat
+
+
+def test_load_data_without_a_train_split_is_an_error(monkeypatch):
+    with pytest.raises(ValueError) as raised:
+        _load(monkeypatch, {"validation": _rows([0, 1]), "test": _rows([0, 1])}, "--no_verify_images")
+    assert str(raised.value) == "The dataset has no 'train' split; its splits are ['validation', 'test']."
+
+
+def test_load_data_refuses_an_empty_split_and_a_train_split_of_one_class(monkeypatch):
+    splits = {"train": _rows([0, 1] * 3), "test": _rows([])}
+    with pytest.raises(ValueError) as raised:
+        _load(monkeypatch, splits, "--no_verify_images")
+    assert str(raised.value) == "The 'test' split is empty."
+    # One class: refused even when not training, since the classes come from the train split.
+    for flags in ([], ["--do_train", "False"]):
+        with pytest.raises(ValueError, match=r"^The 'train' split has only one class \(\['b'\]\)"):
+            _load(monkeypatch, {"train": _rows([1] * 4), "validation": _rows([0, 1])}, "--no_verify_images", *flags)
+
+
+def test_load_data_carves_the_validation_split_from_train_with_the_runs_seed(monkeypatch):
+    labels = [0] * 60 + [1] * 40
+    splits = {"train": _rows(labels)}
+
+    def carve(*flags):
+        dataset, _, _ = _load(monkeypatch, splits, "--no_verify_images", *flags)
+        return _ids(dataset["train"]), _ids(dataset["validation"])
+
+    train, validation = carve()
+    assert len(validation) == 15 and sorted(train + validation) == list(range(100))  # --train_val_split 0.15
+    assert sum(labels[i] for i in validation) == 6  # stratified: 9 of class 0, 6 of class 1
+    assert carve() == (train, validation) and carve("--seed", "7") != (train, validation)
+    train, validation = carve("--train_val_split", "0.3")
+    assert len(validation) == 30 and sum(labels[i] for i in validation) == 12
+    # 0: no validation split, which --do_eval needs.
+    dataset, _, _ = _load(
+        monkeypatch,
+        splits,
+        "--no_verify_images",
+        "--train_val_split",
+        "0",
+        "--do_eval",
+        "False",
+        "--eval_strategy",
+        "no",
+    )
+    assert list(dataset) == ["train"] and _ids(dataset["train"]) == list(range(100))
+    with pytest.raises(ValueError) as raised:
+        _load(monkeypatch, splits, "--no_verify_images", "--train_val_split", "0")
+    assert str(raised.value) == (
+        "--do_eval needs a validation split: give --validation_dir or a --train_val_split above 0."
+    )
+
+
+def test_a_fraction_of_train_is_drawn_with_the_runs_seed(monkeypatch):
+    splits = {"train": _rows([0, 1] * 20), "validation": _rows([0, 1], 100)}
+
+    def subset(*flags):
+        return _ids(_load(monkeypatch, splits, "--no_verify_images", "--train_fraction", "0.5", *flags)[0]["train"])
+
+    first = subset()
+    assert len(first) == 20 and subset() == first and subset("--seed", "7") != first
+
+
+def test_max_samples_draw_from_train_and_validation_with_the_runs_seed(monkeypatch):
+    """`--max_train_samples` and `--max_eval_samples` take that many images at random (seeded) from their split;
+    the test split is never cut; a limit above a split's size keeps all of it."""
+    splits = {"train": _rows([0, 1] * 10), "validation": _rows([0, 1] * 5, 100), "test": _rows([0, 1] * 5, 200)}
+
+    def limited(*flags):
+        dataset = _load(monkeypatch, splits, "--no_verify_images", *flags)[0]
+        return {name: _ids(split) for name, split in dataset.items()}
+
+    ids = limited("--max_train_samples", "6", "--max_eval_samples", "4")
+    assert (len(ids["train"]), len(ids["validation"]), ids["test"]) == (6, 4, list(range(200, 210)))
+    assert set(ids["train"]) <= set(range(20)) and set(ids["validation"]) <= set(range(100, 110))
+    assert ids["train"] != list(range(6))  # at random, not the first ones
+    assert limited("--max_train_samples", "6", "--max_eval_samples", "4") == ids
+    other = limited("--max_train_samples", "6", "--max_eval_samples", "4", "--seed", "7")
+    assert other["train"] != ids["train"] and other["validation"] != ids["validation"]
+    ids = limited("--max_train_samples", "50", "--max_eval_samples", "1")
+    assert sorted(ids["train"]) == list(range(20)) and len(ids["validation"]) == 1
+    # Without a validation split, the limit on it has nothing to cut.
+    dataset = _load(monkeypatch, {"train": splits["train"]}, "--no_verify_images", "--train_val_split", "0",
+                    "--do_eval", "False", "--eval_strategy", "no", "--max_eval_samples", "3")[0]  # fmt: skip
+    assert list(dataset) == ["train"] and len(dataset["train"]) == 20
+    # A limit that leaves one class to train on is refused when training, not when only evaluating.
+    with pytest.raises(ValueError, match=r"^The 'train' split has only one class"):
+        limited("--max_train_samples", "1")
+    assert len(limited("--max_train_samples", "1", "--do_train", "False")["train"]) == 1
+
+
+def test_unreadable_images_are_skipped_when_asked_and_counted(monkeypatch):
+    from datasets import Image as ImageFeature
+
+    def images(labels, broken=()):
+        rows = []
+        for i, _ in enumerate(labels):
+            if i in broken:
+                rows.append({"bytes": b"not an image", "path": f"broken-{i}.png"})
+            else:
+                rows.append(PILImage.new("L", (4, 4), i))
+        features = Features({"image": ImageFeature(), "label": ClassLabel(names=["a", "b"])})
+        return Dataset.from_dict({"image": rows, "label": list(labels)}, features=features)
+
+    splits = {"train": images([0, 1, 0, 1, 0, 1], broken=(2,)), "validation": images([0, 1])}
+    with pytest.raises(ValueError, match=r"^1 image\(s\) of the 'train' split cannot be read: broken-2.png"):
+        _load(monkeypatch, splits)
+    dataset, skipped, _ = _load(monkeypatch, splits, "--skip_bad_images")
+    assert skipped == {"train": 1, "validation": 0} and len(dataset["train"]) == 5
+    assert [np.asarray(image)[0, 0] for image in dataset["train"]["image"]] == [0, 1, 3, 4, 5]
+    assert _load(monkeypatch, splits, "--no_verify_images")[1] == {}  # not checked: nothing skipped
+    # A split left empty by the skipping is an error.
+    splits["validation"] = images([0, 1], broken=(0, 1))
+    with pytest.raises(ValueError) as raised:
+        _load(monkeypatch, splits, "--skip_bad_images")
+    assert str(raised.value) == "The 'validation' split is empty after skipping unreadable images and subsetting."
