@@ -184,10 +184,16 @@ def test_json_config_file(tmp_path):
         (["--label_smoothing_factor", "-0.1"], r"--label_smoothing_factor must be in \[0, 1\], got -0.1."),
     ],
 )
-def test_invalid_arguments(tmp_path, args, message):
+def test_invalid_arguments(tmp_path, monkeypatch, args, message):
     """Each error is one sentence that starts with the flag to change (the message as a whole, not a part)."""
     import re
 
+    from sar_hf.scripts import train as script
+
+    def accepted(*parsed):  # fails at once rather than going on to load data and train
+        raise AssertionError(f"{args} accepted")
+
+    monkeypatch.setattr(script, "train", accepted)
     with pytest.raises(ValueError) as raised:
         main([*args, "--output_dir", str(tmp_path)])
     assert re.match(message, str(raised.value)) and str(raised.value).endswith("."), str(raised.value)
@@ -1229,6 +1235,19 @@ def test_the_parameter_count_is_logged_in_millions_rounded_to_the_nearest_hundre
                        splits={"train": list(range(42))})  # fmt: skip
     assert sum(p.numel() for p in seen["trainer"].model.parameters()) == 2_065_002
     assert "(SARViTForImageClassification), 2.07M parameters, 146 px images, 146 px patches" in caplog.text
+
+
+def test_bf16_that_accelerate_runs_in_float32_is_warned_about(quick, monkeypatch, caplog):
+    """Where Accelerate runs `--bf16` in float32 (on torch_xla without bf16, faked here), the log says so, as for
+    `--fp16` on a CPU."""
+    import logging
+
+    from sar_hf.scripts import train as script
+
+    monkeypatch.setattr(script, "precision_in_use", lambda accelerator: "no (float32)")
+    caplog.set_level(logging.WARNING, logger="sar_hf.scripts.train")
+    quick("--bf16", "--use_cpu", "--max_steps", "1", "--do_eval", "False")
+    assert "--bf16 was given, but Accelerate runs float32 on cpu." in caplog.messages
 
 
 def test_prediction_only_scores_the_test_split_and_pushes_the_card(quick):
