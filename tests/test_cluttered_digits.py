@@ -84,18 +84,22 @@ def test_masks_are_the_ink_of_the_placed_digit_and_nothing_else_touches_its_box(
 
 def test_the_clutter_never_overlaps_the_mask_and_comes_from_other_digits_of_the_split():
     """Digits of constant, distinct values show where every clutter pixel came from: the canvas of
-    digit i holds the value i+1 only on its mask, and elsewhere only values of the split's other digits."""
+    digit i holds the value i+1 only on its mask, and elsewhere only values of the split's other digits,
+    each of which (the first and the last too) is cut for clutter somewhere."""
     count = 30
     pixels = np.stack([np.full((16, 16), i + 1, np.uint8) for i in range(count)])
     pixels[:, :, :3] = 0  # some background in every digit, so the mask is not the whole box
     indices = np.arange(0, count, 2)  # the split: even digits; the odd ones must never show up
     rng = np.random.default_rng(0)
     columns = build_split(pixels, np.zeros(count, np.int64), indices, 3, 40, 8, 6, rng)
+    everywhere = set()
     for image, mask, index in zip(columns["image"], columns["mask"], columns["digit"], strict=True):
         image, mask = np.asarray(image), np.asarray(mask) > 0
         assert (image[mask] == index + 1).all() and mask.sum() == (pixels[index] > 0).sum()
         clutter = set(np.unique(image[~mask]).tolist()) - {0}
         assert clutter and clutter <= {i + 1 for i in indices if i != index}
+        everywhere |= clutter
+    assert everywhere == {i + 1 for i in indices}
 
 
 def test_on_the_tightest_canvas_every_piece_lands_whole_and_clear_of_the_digit():
@@ -198,8 +202,31 @@ def test_enlarge_scales_each_side_as_pil_does():
         np.testing.assert_array_equal(enlarged, np.asarray(Image.fromarray(image).resize((18, 12), Image.BILINEAR)))
 
 
-def test_bad_geometry_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match="no room for the clutter"):
+def test_bad_geometry_is_refused_with_the_reason_before_anything_is_built(monkeypatch):
+    """A canvas too small for the clutter (on which a centred digit leaves no room for a piece, so the
+    placement would never end) or a fragment larger than the digit is refused at once; the tightest
+    canvas (the digit, two fragments and a pixel) and a fragment as large as the digit are accepted."""
+    import sar_hf.data.cluttered_digits as module
+
+    built, build_split = [], module.build_split
+
+    def few(pixels, labels, indices, copies, canvas_size, *args):  # five canvases per split are enough here
+        built.append((pixels.shape[1], canvas_size))
+        assert len(built) > 1, "a refused geometry reached the build"  # (on 24 px it might never end)
+        return build_split(pixels, labels, indices[:5], copies, canvas_size, *args)
+
+    monkeypatch.setattr(module, "build_split", few)
+    with pytest.raises(
+        ValueError,
+        match=r"^canvas_size 24 leaves no room for the clutter around a 16 px digit: it must be at least 25, so "
+        r"that wherever the digit lies, one side has room for a 4 px fragment and a pixel of gap\.$",
+    ):
         load_cluttered_digits_dataset(canvas_size=16 + 2 * 4)
-    with pytest.raises(ValueError, match="larger than the enlarged digit"):
+    with pytest.raises(ValueError, match=r"^fragment_size 9 is larger than the enlarged digit \(8 px\)\.$"):
         load_cluttered_digits_dataset(scale=1, fragment_size=9, canvas_size=40)
+    assert not built
+    built.append("accepted from here")
+    for scale, fragment_size, canvas_size in [(2, 4, 25), (1, 8, 25)]:
+        tight = load_cluttered_digits_dataset(scale=scale, fragment_size=fragment_size, canvas_size=canvas_size)
+        assert built[-3:] == [(8 * scale, canvas_size)] * 3
+        assert np.asarray(tight["test"][0]["image"]).shape == (canvas_size, canvas_size)

@@ -212,11 +212,13 @@ def scipy_regions(scores: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 
 def drawn_scores() -> dict:
     """Two sets of scores on different grids and with different numbers of heads; image 0's head 0 of
-    set "A" has a single region above the mean (entropy 0), the others several."""
+    set "A" has a single region above the mean (entropy 0), image 1's head 1 of set "B" one region above
+    the mean and three patches exactly at it (not above it: else two regions), the others several."""
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(2, 3, 12, generator=generator) * 2
     a[0, 0] = torch.tensor([5.0, 4, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0])  # one region: the top-left corner
     b = torch.randn(2, 2, 6, generator=generator) * 2
+    b[1, 1] = torch.tensor([3.0, 0, 1, 1, 0, 1])  # mean 1: only the top-left patch is above it
     return {"A": (a, (3, 4)), "B": (b, (2, 3))}
 
 
@@ -288,6 +290,57 @@ def test_regions_beyond_twenty_cycle_through_the_twenty_colours(tmp_path, saved_
     assert (expected[0, 0] == expected[8, 0]).all() and (expected[0, 0] != expected[0, 2]).any()  # regions 1 and 21
 
 
+def draw_small(path, heads=None, sets=("A", "B"), images=2) -> pathlib.Path:
+    """`draw_attention_figure` of `drawn_scores`'s `sets` on the first `images` of two plain images."""
+    pictures = [Image.new("RGB", (14, 10), (10, 200, 30)), Image.new("RGB", (8, 6), (200, 30, 90))][:images]
+    scores = {name: (values[:images], grid) for name, (values, grid) in drawn_scores().items() if name in sets}
+    return draw_attention_figure(scores, pictures, path, heads)
+
+
+def test_the_pictures_fill_their_panels_and_no_text_runs_into_a_picture_or_off_the_png(tmp_path, saved_figures):
+    """Each image, map and region picture is drawn nearly as large as its 200 px panel (the layout packs
+    them, less room for the titles and labels), and no title or row label overlaps a picture or leaves
+    the PNG."""
+    draw_small(tmp_path / "maps.png")
+    (figure,) = saved_figures
+    renderer = figure.canvas.get_renderer()
+    pictures = [ax.images[0].get_window_extent(renderer) for ax in figure.axes if ax.images]
+    assert len(pictures) == 2 * (1 + 2 * 3) + 2 * (1 + 2 * 2)  # set "A" has three heads, "B" two
+    for box in pictures:
+        assert max(box.width, box.height) >= 0.85 * CELL, box
+    texts = [text for ax in figure.axes for text in (ax.title, ax.yaxis.label) if text.get_text()]
+    assert len(texts) == len(pictures)  # a title above each map and region picture, a label beside each image
+    for text in texts:
+        box = text.get_window_extent(renderer)
+        assert figure.bbox.x0 <= box.x0 and box.x1 <= figure.bbox.x1, text.get_text()
+        assert figure.bbox.y0 <= box.y0 and box.y1 <= figure.bbox.y1, text.get_text()
+        assert not any(box.overlaps(picture) for picture in pictures), text.get_text()
+
+
+def test_the_pngs_are_the_same_whatever_matplotlibs_settings_and_go_exactly_where_asked(tmp_path):
+    """A user's matplotlibrc (another dpi for figures and for saving, another file format) changes neither
+    picture: each is a PNG of the documented size, with the same pixels, written to the path given, even
+    without a suffix and in folders that do not exist yet."""
+    import matplotlib
+
+    report = entropy_report(3)
+    plain = [
+        draw_small(tmp_path / "plain.png", heads=1, sets="A", images=1),
+        sar_hf.visualization.save_entropy_plot(report, tmp_path / "plain-entropy.png"),
+    ]
+    with matplotlib.rc_context({"figure.dpi": 72, "savefig.dpi": 50, "savefig.format": "jpg"}):
+        paths = [
+            draw_small(tmp_path / "new" / "folders" / "attention", heads=1, sets="A", images=1),
+            sar_hf.visualization.save_entropy_plot(report, tmp_path / "other" / "folders" / "entropy"),
+        ]
+    assert paths == [tmp_path / "new" / "folders" / "attention", tmp_path / "other" / "folders" / "entropy"]
+    assert sorted(path.name for path in tmp_path.glob("*/folders/*")) == ["attention", "entropy"]
+    for path, reference, size in zip(paths, plain, [(CELL * 3, CELL), (700, 450)], strict=True):
+        with Image.open(path) as png, Image.open(reference) as expected:
+            assert (png.format, png.size) == ("PNG", size)
+            np.testing.assert_array_equal(np.asarray(png), np.asarray(expected))
+
+
 def test_nothing_to_draw_or_no_head_is_a_value_error(tmp_path):
     scores, image = {"A": (torch.zeros(1, 2, 4), (2, 2))}, [Image.new("RGB", (4, 4))]
     with pytest.raises(ValueError, match=r"^Pass at least one model \(or set of scores\) and one image\.$"):
@@ -354,6 +407,15 @@ def test_the_entropy_plot_draws_each_heads_means_and_intervals(tmp_path, saved_f
         *(f"head {h}" for h in range(heads)),
     ]
     assert legend._ncols == legend_columns
+    assert {text.get_fontsize() for text in legend.get_texts()} == {7} and ax.title.get_fontsize() == 9
+    for bars in ax.containers:  # each mean a dot of 3 pt, each bound a cap of 2 pt on each side
+        line, caps, _ = bars.lines
+        assert (line.get_marker(), line.get_markersize()) == ("o", 3)
+        assert len(caps) == 2 and all((cap.get_marker(), cap.get_markersize()) == ("_", 4) for cap in caps)
+    # The plot and its labels fill the figure, up to a margin of a few pixels.
+    plot, page = ax.get_tightbbox(figure.canvas.get_renderer()), figure.bbox
+    assert max(plot.x0 - page.x0, plot.y0 - page.y0, page.x1 - plot.x1, page.y1 - plot.y1) < 10
+    assert min(plot.x0 - page.x0, plot.y0 - page.y0, page.x1 - plot.x1, page.y1 - plot.y1) >= 0
 
 
 def test_cls_attention_of_a_sar_model_is_its_regularised_layers_and_leaves_its_capture(images, processor):
