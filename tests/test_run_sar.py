@@ -142,6 +142,48 @@ def test_json_config_file(tmp_path):
         parse_args([str(path)])
 
 
+def test_a_json_file_chooses_the_defaults_as_the_flags_do(tmp_path):
+    """The keys of a .json file that are not null count as given, as flags do: own data, an explicit learning rate
+    or warm-up over the recipe's, two warm-ups refused."""
+
+    def parsed(values):
+        path = tmp_path / "run.json"
+        path.write_text(json.dumps(values))
+        return parse_args([str(path)])
+
+    assert parsed({"train_dir": "own/images"})[-1].output_dir == "outputs/sar-vit"
+    assert parsed({"train_dir": None})[-1].output_dir == "outputs/sar-digits"  # null: not given
+    *_, recipe_args, training_args = parsed({"recipe": "deit", "learning_rate": 1e-3, "warmup_steps": 3})
+    assert (training_args.learning_rate, training_args.warmup_steps, recipe_args.warmup_epochs) == (1e-3, 3, None)
+    with pytest.raises(ValueError, match="^--warmup_epochs and --warmup_steps both set the learning-rate warm-up"):
+        parsed({"warmup_epochs": 2, "warmup_steps": 10})
+
+
+def test_a_json_file_is_read_as_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """A .json file of arguments (UTF-8, as JSON is) with a non-ASCII path, read where the locale's encoding is
+    another one (cp1252, as on Windows; `open`'s default is faked here)."""
+    import builtins
+
+    from sar_hf.scripts import arguments
+
+    def open_with_cp1252_default(file, mode="r", buffering=-1, encoding=None, *args, **kwargs):
+        return builtins.open(file, mode, buffering, encoding or "cp1252", *args, **kwargs)
+
+    monkeypatch.setattr(arguments, "open", open_with_cp1252_default, raising=False)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"output_dir": "runs/λ-0.01"}, ensure_ascii=False), encoding="utf-8")
+    assert parse_args([str(path)])[-1].output_dir == "runs/λ-0.01"
+
+
+def test_without_arguments_the_command_line_is_read(monkeypatch):
+    """`python examples/run_sar.py --flags` calls `main()`: the flags after the program's name."""
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["examples/run_sar.py", "--sar_weight", "0.5", "--model_preset", "tiny"])
+    model_args, _, sar_args, *_ = parse_args()
+    assert (sar_args.sar_weight, model_args.model_preset) == (0.5, "tiny")
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
