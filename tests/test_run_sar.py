@@ -153,10 +153,28 @@ def test_a_json_file_chooses_the_defaults_as_the_flags_do(tmp_path):
 
     assert parsed({"train_dir": "own/images"})[-1].output_dir == "outputs/sar-vit"
     assert parsed({"train_dir": None})[-1].output_dir == "outputs/sar-digits"  # null: not given
+    assert parsed({"dataset_name": "cluttered-digits"})[-1].output_dir == "outputs/sar-cluttered-digits"
     *_, recipe_args, training_args = parsed({"recipe": "deit", "learning_rate": 1e-3, "warmup_steps": 3})
     assert (training_args.learning_rate, training_args.warmup_steps, recipe_args.warmup_epochs) == (1e-3, 3, None)
     with pytest.raises(ValueError, match="^--warmup_epochs and --warmup_steps both set the learning-rate warm-up"):
         parsed({"warmup_epochs": 2, "warmup_steps": 10})
+
+
+def test_each_spelling_of_a_flag_chooses_the_defaults():
+    """`--flag value`, `--flag=value` and `--flag-name` count as given alike: the default output folder, the recipe's
+    learning rate, the warm-up that is refused twice."""
+    for args, output_dir in [
+        (["--dataset_name", "someone/images"], "outputs/sar-vit"),
+        (["--dataset-name", "cluttered-digits"], "outputs/sar-cluttered-digits"),
+        (["--dataset_name=cluttered-digits"], "outputs/sar-cluttered-digits"),
+        (["--train_dir=runs/lr=0.1"], "outputs/sar-vit"),
+        (["--train-dir", "own", "--validation-dir", "val"], "outputs/sar-vit"),
+    ]:
+        assert parse_args(args)[-1].output_dir == output_dir, args
+    for spelling in (["--learning_rate=1e-3"], ["--learning-rate", "1e-3"]):
+        assert parse_args(["--recipe", "deit", *spelling])[-1].learning_rate == 1e-3, spelling
+    with pytest.raises(ValueError, match="^--warmup_epochs and --warmup_steps both set"):
+        parse_args(["--warmup_epochs=2", "--warmup-steps=10"])
 
 
 def test_a_json_file_is_read_as_utf8_whatever_the_locale(tmp_path, monkeypatch):
