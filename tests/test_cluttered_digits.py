@@ -1,5 +1,7 @@
 """The cluttered digits: deterministic, split-clean, masks on the ink, clutter off the mask."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -36,6 +38,23 @@ def test_splits_come_from_the_digits_own_splits(dataset):
     for name in ("train", "validation", "test"):
         digits = np.asarray(dataset[name]["digit"])
         np.testing.assert_array_equal(np.asarray(dataset[name]["label"]), labels[digits])
+
+
+def test_the_splits_have_the_documented_sizes_classes_and_a_stratified_validation_split(dataset):
+    """1221 train and 216 validation canvases (15% of the digits' 1437 train digits, each class kept in its
+    share), 720 test canvases (two per test digit); images and masks are pictures, labels the classes "0".."9"."""
+    from datasets import ClassLabel, Features, Image, Value
+
+    _, labels, train_idx, _ = load_digits_arrays()
+    assert {name: len(split) for name, split in dataset.items()} == {"train": 1221, "validation": 216, "test": 720}
+    validation = np.bincount(dataset["validation"]["label"], minlength=10)
+    assert validation.sum() == math.ceil(0.15 * len(train_idx))
+    assert (np.abs(validation - 0.15 * np.bincount(labels[train_idx], minlength=10)) < 1).all(), validation
+    expected = Features(
+        {"image": Image(), "label": ClassLabel(names=list("0123456789")), "mask": Image(), "digit": Value("int64")}
+    )
+    for split in dataset.values():
+        assert split.features == expected
 
 
 def test_each_canvas_holds_scikit_learns_digit_upright_with_its_label(dataset):
