@@ -763,6 +763,20 @@ def test_a_layer_that_bypasses_the_registry_is_a_runtime_error(monkeypatch):
         capture.pop()
 
 
+def test_an_eager_layer_from_a_file_without_the_eager_function_runs_and_pop_says_why_there_are_no_scores(monkeypatch):
+    # An attention class from elsewhere (remote code) that attends eagerly by itself, in a file with no
+    # `eager_attention_forward` to wrap: the forward pass runs, and `pop` explains the missing scores.
+    model = build("deit")
+    model.set_attn_implementation("eager")
+    capture = CLSScoreCapture(model)
+    monkeypatch.setattr(type(capture.module), "__module__", __name__)  # this file has no eager_attention_forward
+    monkeypatch.setattr(capture.module, "forward", lambda hidden_states, *args, **kwargs: (hidden_states, None))
+    with torch.no_grad():
+        assert torch.isfinite(model(pixels(), interpolate_pos_encoding=True).logits).all()
+    with pytest.raises(RuntimeError, match="without passing through the attention-function registry or its"):
+        capture.pop()
+
+
 def test_a_layer_with_its_own_scaling_is_captured_with_it():
     model = build("deit")
     loss_fn = SpatialEntropyLoss(model)
