@@ -303,15 +303,14 @@ def test_the_pictures_fill_their_panels_and_no_text_runs_into_a_picture_or_off_t
     the PNG."""
     draw_small(tmp_path / "maps.png")
     (figure,) = saved_figures
-    renderer = figure.canvas.get_renderer()
-    pictures = [ax.images[0].get_window_extent(renderer) for ax in figure.axes if ax.images]
+    pictures = [ax.images[0].get_window_extent() for ax in figure.axes if ax.images]  # as last drawn
     assert len(pictures) == 2 * (1 + 2 * 3) + 2 * (1 + 2 * 2)  # set "A" has three heads, "B" two
     for box in pictures:
         assert max(box.width, box.height) >= 0.85 * CELL, box
     texts = [text for ax in figure.axes for text in (ax.title, ax.yaxis.label) if text.get_text()]
     assert len(texts) == len(pictures)  # a title above each map and region picture, a label beside each image
     for text in texts:
-        box = text.get_window_extent(renderer)
+        box = text.get_window_extent()
         assert figure.bbox.x0 <= box.x0 and box.x1 <= figure.bbox.x1, text.get_text()
         assert figure.bbox.y0 <= box.y0 and box.y1 <= figure.bbox.y1, text.get_text()
         assert not any(box.overlaps(picture) for picture in pictures), text.get_text()
@@ -413,7 +412,7 @@ def test_the_entropy_plot_draws_each_heads_means_and_intervals(tmp_path, saved_f
         assert (line.get_marker(), line.get_markersize()) == ("o", 3)
         assert len(caps) == 2 and all((cap.get_marker(), cap.get_markersize()) == ("_", 4) for cap in caps)
     # The plot and its labels fill the figure, up to a margin of a few pixels.
-    plot, page = ax.get_tightbbox(figure.canvas.get_renderer()), figure.bbox
+    plot, page = ax.get_tightbbox(), figure.bbox
     assert max(plot.x0 - page.x0, plot.y0 - page.y0, page.x1 - plot.x1, page.y1 - plot.y1) < 10
     assert min(plot.x0 - page.x0, plot.y0 - page.y0, page.x1 - plot.x1, page.y1 - plot.y1) >= 0
 
