@@ -210,6 +210,46 @@ def test_a_fragment_is_the_inkiest_of_ten_tries():
     assert cut_fragment(digit, size, np.random.default_rng(seeds[11])).max() == 0
 
 
+def crop_places(seed: int, s: int, size: int, tries: int = 10) -> list[tuple[int, int]]:
+    """The top-left corners of the first `tries` crops that `cut_fragment` draws from `seed` (numpy alone)."""
+    rng = np.random.default_rng(seed)
+    return [tuple(int(i) for i in rng.integers(0, s - size + 1, size=2)) for _ in range(tries)]
+
+
+def test_a_fragment_stops_at_a_quarter_of_faint_ink_and_keeps_the_first_of_equally_inky_crops():
+    """The search stops at the first crop whose ink (any pixel > 0, however faint) covers a quarter of it,
+    and of equally inky crops keeps the first: the rule that makes a seed give the same canvases."""
+    from sar_hf.data.cluttered_digits import cut_fragment
+
+    def hits(place, pixel, size):
+        return place[0] <= pixel[0] < place[0] + size and place[1] <= pixel[1] < place[1] + size
+
+    # Faint ink (value 1) everywhere, one bright pixel: the first crop, all faint, is taken.
+    faint = np.ones((8, 8), np.uint8)
+    faint[5, 2] = 90
+    seed = next(seed for seed in range(1000) if not hits(crop_places(seed, 8, 2)[0], (5, 2), 2)
+                and any(hits(place, (5, 2), 2) for place in crop_places(seed, 8, 2)))  # fmt: skip
+    assert cut_fragment(faint, 2, np.random.default_rng(seed)).max() == 1
+    # One pixel of 2x2 (exactly a quarter) stops the search before a crop of a brighter pixel.
+    two = np.zeros((8, 8), np.uint8)
+    two[1, 1], two[6, 6] = 50, 90
+
+    def dim_first_then_bright(seed):
+        places = crop_places(seed, 8, 2)
+        inky = [k for k, place in enumerate(places) if hits(place, (1, 1), 2) or hits(place, (6, 6), 2)]
+        return bool(inky) and hits(places[inky[0]], (1, 1), 2) and any(hits(p, (6, 6), 2) for p in places[inky[0] :])
+
+    seed = next(seed for seed in range(1000) if dim_first_then_bright(seed))
+    assert cut_fragment(two, 2, np.random.default_rng(seed)).max() == 50
+    # One ink pixel in every 3x3 crop (a lattice of step 3): ten equally inky tries, the first is kept.
+    lattice = np.zeros((8, 8), np.uint8)
+    lattice[::3, ::3] = 70
+    first_and_tenth = lambda seed: crop_places(seed, 8, 3)[::9]  # noqa: E731
+    seed = next(seed for seed in range(1000) if len({(y % 3, x % 3) for y, x in first_and_tenth(seed)}) == 2)
+    y, x = crop_places(seed, 8, 3)[0]
+    np.testing.assert_array_equal(cut_fragment(lattice, 3, np.random.default_rng(seed)), lattice[y : y + 3, x : x + 3])
+
+
 def test_enlarge_scales_each_side_as_pil_does():
     """`[N, h, w]` -> `[N, h * scale, w * scale]`, each image resized bilinearly by PIL, also when not square."""
     from PIL import Image
