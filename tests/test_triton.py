@@ -87,7 +87,7 @@ def test_one_launch_labels_every_map(monkeypatch):
     assert launches == ["_label_kernel"]
 
 
-def test_labels_and_counts_are_made_on_the_maps_device(monkeypatch):
+def test_labels_and_counts_are_made_on_the_maps_device():
     # On a GPU an output buffer left on the default device (the host) hands the kernel a host pointer.
     # Here the default device is meta meanwhile, so a buffer made without the maps' device is a meta
     # tensor that the launch cannot read.
