@@ -173,6 +173,17 @@ def test_a_piece_lands_on_every_position_clear_of_the_digit():
     assert seen == allowed
 
 
+def crop_places(seed: int, s: int, size: int, tries: int = 10) -> list[tuple[int, int]]:
+    """The top-left corners of the first `tries` crops that `cut_fragment` draws from `seed` (numpy alone)."""
+    rng = np.random.default_rng(seed)
+    return [tuple(int(i) for i in rng.integers(0, s - size + 1, size=2)) for _ in range(tries)]
+
+
+def covers(place: tuple[int, int], pixel: tuple[int, int], size: int) -> bool:
+    """Whether the `size`-pixel crop at `place` holds `pixel`."""
+    return place[0] <= pixel[0] < place[0] + size and place[1] <= pixel[1] < place[1] + size
+
+
 def test_a_fragment_is_cut_anywhere_in_the_digit():
     """An inky digit stops the search at the first try, so the crop's place is uniform: every offset
     from 0 to `s - size` is drawn along each axis (pixel values mark the place)."""
@@ -198,22 +209,12 @@ def test_a_fragment_is_the_inkiest_of_ten_tries():
     digit[5, 2] = 90
 
     def first_hit(seed):
-        rng = np.random.default_rng(seed)
-        for attempt in range(1, 12):
-            y, x = rng.integers(0, s - size + 1, size=2)
-            if y <= 5 < y + size and x <= 2 < x + size:
-                return attempt
-        return None
+        places = crop_places(seed, s, size, tries=11)
+        return next((attempt for attempt, place in enumerate(places, 1) if covers(place, (5, 2), size)), None)
 
     seeds = {hit: next(seed for seed in range(10_000) if first_hit(seed) == hit) for hit in (10, 11)}
     assert cut_fragment(digit, size, np.random.default_rng(seeds[10])).max() == 90
     assert cut_fragment(digit, size, np.random.default_rng(seeds[11])).max() == 0
-
-
-def crop_places(seed: int, s: int, size: int, tries: int = 10) -> list[tuple[int, int]]:
-    """The top-left corners of the first `tries` crops that `cut_fragment` draws from `seed` (numpy alone)."""
-    rng = np.random.default_rng(seed)
-    return [tuple(int(i) for i in rng.integers(0, s - size + 1, size=2)) for _ in range(tries)]
 
 
 def test_a_fragment_stops_at_a_quarter_of_faint_ink_and_keeps_the_first_of_equally_inky_crops():
@@ -221,14 +222,11 @@ def test_a_fragment_stops_at_a_quarter_of_faint_ink_and_keeps_the_first_of_equal
     and of equally inky crops keeps the first: the rule that makes a seed give the same canvases."""
     from sar_hf.data.cluttered_digits import cut_fragment
 
-    def hits(place, pixel, size):
-        return place[0] <= pixel[0] < place[0] + size and place[1] <= pixel[1] < place[1] + size
-
     # Faint ink (value 1) everywhere, one bright pixel: the first crop, all faint, is taken.
     faint = np.ones((8, 8), np.uint8)
     faint[5, 2] = 90
-    seed = next(seed for seed in range(1000) if not hits(crop_places(seed, 8, 2)[0], (5, 2), 2)
-                and any(hits(place, (5, 2), 2) for place in crop_places(seed, 8, 2)))  # fmt: skip
+    seed = next(seed for seed in range(1000) if not covers(crop_places(seed, 8, 2)[0], (5, 2), 2)
+                and any(covers(place, (5, 2), 2) for place in crop_places(seed, 8, 2)))  # fmt: skip
     assert cut_fragment(faint, 2, np.random.default_rng(seed)).max() == 1
     # One pixel of 2x2 (exactly a quarter) stops the search before a crop of a brighter pixel.
     two = np.zeros((8, 8), np.uint8)
@@ -236,8 +234,10 @@ def test_a_fragment_stops_at_a_quarter_of_faint_ink_and_keeps_the_first_of_equal
 
     def dim_first_then_bright(seed):
         places = crop_places(seed, 8, 2)
-        inky = [k for k, place in enumerate(places) if hits(place, (1, 1), 2) or hits(place, (6, 6), 2)]
-        return bool(inky) and hits(places[inky[0]], (1, 1), 2) and any(hits(p, (6, 6), 2) for p in places[inky[0] :])
+        inky = [k for k, place in enumerate(places) if covers(place, (1, 1), 2) or covers(place, (6, 6), 2)]
+        return (
+            bool(inky) and covers(places[inky[0]], (1, 1), 2) and any(covers(p, (6, 6), 2) for p in places[inky[0] :])
+        )
 
     seed = next(seed for seed in range(1000) if dim_first_then_bright(seed))
     assert cut_fragment(two, 2, np.random.default_rng(seed)).max() == 50

@@ -116,15 +116,22 @@ def _folder_images(root):
     return [image.convert("RGB") for image in dataset["image"]]
 
 
-def _reference(twin, images, layers):
-    """Per-image entropies and region counts `[N, len(layers), heads]` from the eager attention probabilities."""
+def _eager_cls_probabilities(twin, images):
+    """Per layer, the eager attention probabilities of the [CLS] token to the patches, `[N, heads, patches]`
+    float64, of `images` resized to 16 px."""
     processor = vit_image_processor_class()(size={"height": 16, "width": 16})
     pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         attentions = twin(pixel_values=pixel_values, output_attentions=True).attentions
+    return [probs[:, :, 0, -GRID[0] * GRID[1] :].double() for probs in attentions]
+
+
+def _reference(twin, images, layers):
+    """Per-image entropies and region counts `[N, len(layers), heads]` from the eager attention probabilities."""
+    probabilities = _eager_cls_probabilities(twin, images)
     entropy, regions = [], []
     for layer in layers:
-        log_probs = attentions[layer][:, :, 0, -GRID[0] * GRID[1] :].double().log()  # [N, heads, patches]
+        log_probs = probabilities[layer].log()  # [N, heads, patches]
         maps = log_probs.reshape(-1, log_probs.shape[-1])
         entropy.append([reference_entropy(row[None, None], GRID) for row in maps])
         masks = (maps > maps.mean(-1, keepdim=True)).reshape(-1, *GRID).numpy()
@@ -196,7 +203,8 @@ def test_the_bundled_digits_and_chosen_layers(tmp_path, forward_passes, monkeypa
     args = ["--model", str(path), "--images", "digits", "--output", str(out), "--layers", "-1", "1"]
     report = main([*args, "--figure_layer", "0", "--figure_images", "3", "--batch_size", "128"])
     images = [image.convert("RGB") for image in load_digits_dataset()["test"]["image"]]
-    entropy, regions = _reference(_eager_twin(path, "sar-vit"), images, [1, 2])
+    twin = _eager_twin(path, "sar-vit")
+    entropy, regions = _reference(twin, images, [1, 2])
     _check_report(report, entropy, regions, [1, 2], str(path))
     assert len(forward_passes) == 3
     from sar_hf.visualization import CELL_INCHES, DPI
@@ -211,11 +219,7 @@ def test_the_bundled_digits_and_chosen_layers(tmp_path, forward_passes, monkeypa
         np.asarray(image).tolist() for image in images[:3]
     ]
     kept, grid_size = scores[f"{path.name}, layer 0"]
-    processor = vit_image_processor_class()(size={"height": 16, "width": 16})
-    with torch.no_grad():
-        twin = _eager_twin(path, "sar-vit")
-        probs = twin(**processor(images=images[:3], return_tensors="pt"), output_attentions=True).attentions[0]
-    probs = probs[:, :, 0, -GRID[0] * GRID[1] :].double()
+    probs = _eager_cls_probabilities(twin, images[:3])[0]
     assert grid_size == GRID and kept.shape == probs.shape
     torch.testing.assert_close(
         kept.double().log_softmax(-1), (probs / probs.sum(-1, keepdim=True)).log(), atol=1e-4, rtol=0

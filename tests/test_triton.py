@@ -195,12 +195,14 @@ CPU_CALLS = textwrap.dedent(
 )
 
 
-def run_in_a_fresh_process(code: str, interpret: str | None) -> subprocess.CompletedProcess:
-    """`code` run by a new interpreter whose TRITON_INTERPRET is `interpret` (None: not set)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def run_in_a_fresh_process(
+    code: str, interpret: str | None = None, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess:
+    """`code` run by a new interpreter whose TRITON_INTERPRET is `interpret` (None: not set), with `env` added."""
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **env}
     if interpret is not None:
         env["TRITON_INTERPRET"] = interpret
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 # -- the loss ---------------------------------------------------------------------------------
@@ -431,9 +433,7 @@ def test_kernels_compile_for_a_gpu(tmp_path):
                   "mean_ptr": f"*{dtype}", "skipped_ptr": "*i64", "M": "i32"}, MEAN=True)
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    done = run_in_a_fresh_process(script, timeout=600, TRITON_CACHE_DIR=str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     assert set(done.stdout.split()) == set(KERNELS)
 
